@@ -1,0 +1,209 @@
+"""Generate images with any model by name.
+
+    python sample.py flux1 "a photo of a cat"
+    python sample.py flex1-alpha "a watercolor fox" --size 768x1024 --steps 25 --num 4 --out outputs/
+    python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
+
+Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
+"""
+
+import argparse
+import importlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+FAMILIES = ["flux1"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback."""
+
+
+def catalogue() -> dict:
+    """Every name sample.py accepts -> (model module, variant): a family name means its flagship variant."""
+    names = {}
+    for family in FAMILIES:
+        module = importlib.import_module(family)
+        names[family] = (module, module.DEFAULT_VARIANT)
+        names.update({variant: (module, variant) for variant in module.VARIANTS})
+    return names
+
+
+def resolve_model(name: str):
+    names = catalogue()
+    if name not in names:
+        raise UsageError(f"unknown model {name!r}; valid names: {', '.join(names)}")
+    return names[name]
+
+
+def parse_size(text: str, multiple: int) -> tuple[int, int]:
+    """'WxH' (or a single number for a square) -> (height, width)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+    except ValueError:
+        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x768") from None
+    if w <= 0 or h <= 0 or w % multiple or h % multiple:
+        raise UsageError(f"--size {text}: width and height must be positive multiples of {multiple}")
+    return h, w
+
+
+def parse_guidance(text: str | None):
+    if text is None:
+        return None
+    if text.lower() in ("off", "none", "bypass"):
+        return False
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--guidance {text!r}: expected a number or 'off'") from None
+
+
+def check_image(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+
+
+def pick_device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def next_index(out: Path) -> int:
+    taken = [int(p.stem.split("-")[0]) for p in out.glob("*.png") if p.stem.split("-")[0].isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def save_png(image, path: Path, settings: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, "" if value is None else str(value))
+    info.add_text("parameters", json.dumps(settings))
+    tmp = path.with_suffix(".png.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)  # a crash never leaves a half-written PNG under the final name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help=f"model or variant name: {', '.join(catalogue())}")
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--weights", help="local folder laid out like the model's Hugging Face repo (default: download)")
+    p.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the model's)")
+    p.add_argument("--steps", type=int, help="number of solver steps (default: the model's)")
+    p.add_argument("--solver", help="euler, dpmpp_2m or unipc (default: the model's)")
+    p.add_argument("--guidance", help="distilled guidance scale, or 'off' to bypass the guidance embedder")
+    p.add_argument("--cfg", type=float, help="true classifier-free guidance scale (1 = off)")
+    p.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
+    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="outputs", help="folder for the PNG files (created if missing)")
+    p.add_argument("--device", help="cuda, cpu, mps, ... (default: the best available)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on an accelerator, fp32 on cpu")
+    p.add_argument("--init-image", help="image-to-image: start from this picture")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    module, variant = resolve_model(args.model)
+    import solvers
+
+    if args.solver is not None and args.solver not in solvers.SOLVERS:
+        raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
+    height, width = parse_size(args.size, module.PIXELS_PER_TOKEN) if args.size else (None, None)
+    guidance = parse_guidance(args.guidance)
+    if args.init_image:
+        check_image(args.init_image)
+    if not 0 <= args.strength <= 1:
+        raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--num and --steps must be at least 1")
+    if args.weights and not Path(args.weights).is_dir():
+        raise UsageError(f"--weights {args.weights}: no such folder")
+
+    import torch
+
+    device = pick_device(args.device)
+    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    t0 = time.time()
+    pipe = module.load(args.weights or variant, variant=variant, device=device, dtype=dtype)
+    load_s = time.time() - t0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    d = pipe.defaults
+    written = []
+    index = next_index(out)
+    jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
+    for prompt, image_seed in jobs:
+        settings = {
+            "model": args.model,
+            "variant": variant,
+            "weights": args.weights or d.repo,
+            "prompt": prompt,
+            "negative_prompt": args.negative,
+            "seed": image_seed,
+            "size": f"{width or d.size[1]}x{height or d.size[0]}",
+            "steps": args.steps or d.steps,
+            "solver": args.solver or d.solver,
+            "guidance": "off" if guidance is False else (d.guidance if guidance is None else guidance),
+            "cfg": args.cfg if args.cfg is not None else d.cfg,
+            "init_image": args.init_image,
+            "strength": args.strength if args.init_image else None,
+            "dtype": dtype_name,
+        }
+        (image,) = pipe.generate(
+            prompt,
+            height=height,
+            width=width,
+            steps=args.steps,
+            solver=args.solver,
+            guidance=guidance,
+            cfg=args.cfg,
+            negative_prompt=args.negative,
+            seed=image_seed,
+            init_image=args.init_image,
+            strength=args.strength,
+            progress=not args.quiet,
+        )
+        settings["size"] = f"{image.width}x{image.height}"
+        path = out / f"{index:05d}-{image_seed}.png"
+        save_png(image, path, settings)
+        written.append(str(path))
+        index += 1
+    total = time.time() - t0
+    print(f"wrote {len(written)} image(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
