@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
@@ -85,7 +87,6 @@ VARIANTS = {
         "ostris/Flex.1-alpha", "Flex.1-alpha.safetensors", ae_file=None, steps=25, guidance=4.0, train_guidance=None
     ),
 }
-FAMILY = "flux1"
 DEFAULT_VARIANT = "flux1-dev"
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling, then 2x2 patches: sizes must be multiples of 16
 
@@ -164,6 +165,12 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source) -> nn.Mod
 # Tokenizers. Both pad/truncate to a fixed length, as FLUX.1 pipelines do (padding="max_length", truncation=True).
 
 
+def require_files(*paths):
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"missing tokenizer file {path}")
+
+
 def _encode(tokenizer: Tokenizer, prompts: list[str] | str) -> torch.Tensor:
     if isinstance(prompts, str):  # a bare string would otherwise be read as a list of one-character prompts
         prompts = [prompts]
@@ -185,6 +192,7 @@ class CLIPTokenizer:
     bos_token, eos_token = "<|startoftext|>", "<|endoftext|>"
 
     def __init__(self, vocab_json_path: str | Path, merges_txt_path: str | Path, max_length: int = 77):
+        require_files(vocab_json_path, merges_txt_path)
         # "</w>" marks a word's last symbol, so "cat</w>" (a whole word) and "cat" (a prefix) are different tokens.
         # The vocabulary covers all 256 byte symbols, so the unknown token is never produced.
         bpe = models.BPE.from_file(
@@ -226,6 +234,7 @@ class T5Tokenizer:
     """The SentencePiece-Unigram T5 tokenizer, from the `tokenizer.json` that ships with T5 checkpoints."""
 
     def __init__(self, tokenizer_json_path: str | Path, max_length: int = 512):
+        require_files(tokenizer_json_path)
         tok = Tokenizer.from_file(str(tokenizer_json_path))
         self.eos_id, self.pad_id = tok.token_to_id("</s>"), tok.token_to_id("<pad>")  # 1, 0
         # The official tokenizer ends every sequence with </s> and has no BOS. Set it here rather than rely on the
@@ -1013,7 +1022,7 @@ def load_ae(root, device="cpu", dtype=torch.float32) -> AutoEncoder:
 # Loading
 
 
-def resolve(name_or_path, variant: str | None = None, files=None) -> tuple[Path, str]:
+def resolve(name_or_path, variant: str | None = None) -> tuple[Path, str]:
     """A local folder laid out like the official repo, or a variant name fetched from Hugging Face."""
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown FLUX.1 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -1022,7 +1031,7 @@ def resolve(name_or_path, variant: str | None = None, files=None) -> tuple[Path,
         return path, variant or detect_variant(path)
     if str(name_or_path) in VARIANTS:
         variant = str(name_or_path)
-        return download(VARIANTS[variant], files or component_files(VARIANTS[variant])), variant
+        return download(VARIANTS[variant], component_files(VARIANTS[variant])), variant
     if path.suffix or "/" in str(name_or_path):
         raise FileNotFoundError(f"weights folder {path} does not exist")
     raise ValueError(f"unknown FLUX.1 variant {name_or_path!r}; choose one of {', '.join(VARIANTS)} or a local folder")
@@ -1075,7 +1084,10 @@ def load(
     root, variant = resolve(name_or_path, variant)
     v = VARIANTS[variant]
     transformer = load_transformer(find_transformer_file(root, v), device, dtype)
-    ae = load_ae(root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae", device, dtype)
+    ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
+    if not ae_path.exists():
+        raise FileNotFoundError(f"{root}: expected the autoencoder as ae.safetensors or a diffusers vae/ folder")
+    ae = load_ae(ae_path, device, dtype)
     clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt")
     t5_tokenizer = T5Tokenizer(root / "tokenizer_2" / "tokenizer.json")
     clip = load_clip(root / "text_encoder", device, dtype)
@@ -1105,8 +1117,6 @@ def image_ids(h: int, w: int, device) -> Tensor:
 
 
 def to_pil(pixels: Tensor) -> list:
-    from PIL import Image
-
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
@@ -1114,8 +1124,6 @@ def to_pil(pixels: Tensor) -> list:
 def image_to_tensor(image, height: int | None, width: int | None, multiple: int) -> Tensor:
     """A PIL image or a path -> (1, 3, H, W) in [-1, 1], resized to cover (height, width) and center-cropped.
     Without a target size the image keeps its size, cropped down to a multiple of `multiple`."""
-    from PIL import Image, ImageOps
-
     if not isinstance(image, Image.Image):
         try:
             image = Image.open(image)
@@ -1132,8 +1140,6 @@ def image_to_tensor(image, height: int | None, width: int | None, multiple: int)
     image = image.resize(resized, Image.Resampling.LANCZOS) if resized != image.size else image
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
-    import numpy as np
-
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
@@ -1191,7 +1197,7 @@ class Flux1Pipeline:
             raise ValueError(f"latent size {h}x{w} must be even (image sides a multiple of {PIXELS_PER_TOKEN})")
         device = x.device
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(b)
-        txt, vec = cond["txt"], cond["vec"]
+        txt, vec = cond["txt"].to(device), cond["vec"].to(device)
         if txt.shape[0] != b:
             txt, vec = txt.expand(b, -1, -1), vec.expand(b, -1)
         if guidance is not None:

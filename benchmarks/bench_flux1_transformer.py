@@ -66,7 +66,8 @@ def main():
         with torch.inference_mode():
             out_ours, out_ref = ours(**a), ref(**b)[0]  # warm-up, and a sanity check that both compute the same
             err = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
-            r = interleaved({"ours": lambda a=a: ours(**a), "diffusers": lambda b=b: ref(**b)}, args.windows, args.calls)
+            sides = {"ours": lambda a=a: ours(**a), "diffusers": lambda b=b: ref(**b)}
+            r = interleaved(sides, args.windows, args.calls)
         print(
             f"{name}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, "
             f"ratio {r['ours'] / r['diffusers']:.3f} (target <= 0.9), util {r['util']:.2f}, rel diff {err:.1e}"
