@@ -561,23 +561,25 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, 
 
 
 def rope(ids: Tensor, axes_dim, theta: int) -> Tensor:
-    """Rotary table for 3-axis positions `ids` (L, 3): complex rotations e^(i pos omega) of shape (L, head_dim / 2).
+    """Rotary table for 3-axis positions `ids` (L, 3): one 2x2 rotation [[cos, -sin], [sin, cos]] per channel pair,
+    shape (L, head_dim / 2, 2, 2).
 
     Each axis rotates its own slice of the head dimension (RoFormer, arXiv 2104.09864); FLUX pairs adjacent
-    channels (2i, 2i+1) as one complex number. Angles are computed in float64 like the official code, so large
-    positions stay exact."""
+    channels (2i, 2i+1). Angles are computed in float64 like the official code, so large positions stay exact.
+    Real arithmetic rather than complex numbers, so torch.compile can fuse it."""
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append(ids[:, i, None].double() * omega)
     angles = torch.cat(angles, dim=-1)
-    return torch.complex(angles.cos().float(), angles.sin().float())
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate channel pairs of x (..., L, head_dim) in float32; one complex multiply is the 2x2 rotation."""
-    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    """Rotate channel pairs of x (..., L, head_dim) in float32."""
+    pairs = x.float().unflatten(-1, (-1, 1, 2))  # (..., L, head_dim / 2, 1, 2)
+    return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).flatten(-2).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:

@@ -152,33 +152,32 @@ def tiny_ae(seed: int = 0):
     return randomize(AutoencoderKL(**AE_TINY), std=0.05, seed=seed).eval()
 
 
-def tiny_clip(seed: int = 0):
+def tiny_clip(seed: int = 0, vocab_size: int = 49408, hidden_size: int = 24, eos_token_id: int = 2, std=0.3):
+    """eos_token_id=2 as in FLUX.1-dev's text_encoder/config.json: pooled at argmax(input_ids)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=24,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
         intermediate_size=40,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
-        eos_token_id=2,  # as in FLUX.1-dev's text_encoder/config.json: pooled at argmax(input_ids)
+        eos_token_id=eos_token_id,
         bos_token_id=0,
         pad_token_id=1,
-        projection_dim=24,
+        projection_dim=hidden_size,
     )
-    return CLIPTextModel(config).eval()
+    return randomize(CLIPTextModel(config), std=std, seed=seed).eval()
 
 
-def tiny_t5(seed: int = 0):
+def tiny_t5(seed: int = 0, vocab_size: int = 32128, d_model: int = 48, std=0.3):
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=32128,
-        d_model=48,
+        vocab_size=vocab_size,
+        d_model=d_model,
         d_kv=8,
         d_ff=64,
         num_layers=2,
@@ -187,7 +186,10 @@ def tiny_t5(seed: int = 0):
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
     )
-    return T5EncoderModel(config).eval()
+    model = randomize(T5EncoderModel(config), std=std, seed=seed).eval()
+    with torch.no_grad():  # a strong position bias, so a wrong relative bucket changes the output
+        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.normal_(0, 2.0)
+    return model
 
 
 def write_flux1_repo(

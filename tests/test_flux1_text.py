@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import TOKENIZERS, tiny_clip, tiny_t5
 from safetensors.torch import save_file
-from torch import nn
 
 from flux1 import (
     CLIPTextConfig,
@@ -20,8 +20,6 @@ from flux1 import (
     read_weights,
     t5_relative_position_buckets,
 )
-
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,63 +176,11 @@ def test_t5_tokenizer_matches_transformers(tokenizer_files):
 # Encoders: tiny transformers models with random weights, saved sharded, loaded with our loaders.
 
 
-def randomize(model: nn.Module, std: float) -> nn.Module:
-    """Weights large enough that attention is far from uniform and outputs differ clearly across positions."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.2)
-            else:
-                p.normal_(0, std)
-    return model.eval()
-
-
 def save_sharded(model, folder: Path) -> Path:
     model.save_pretrained(folder, max_shard_size="50KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
     return folder
-
-
-def tiny_clip(eos_token_id: int):
-    from transformers import CLIPTextConfig as HFConfig
-    from transformers import CLIPTextModel as HFModel
-
-    config = HFConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        eos_token_id=eos_token_id,
-        bos_token_id=0,
-        pad_token_id=1,
-    )
-    return randomize(HFModel(config), std=0.3)
-
-
-def tiny_t5():
-    from transformers import T5Config as HFConfig
-    from transformers import T5EncoderModel as HFModel
-
-    config = HFConfig(
-        vocab_size=1000,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-    )
-    model = randomize(HFModel(config), std=0.3)
-    with torch.no_grad():  # a strong position bias, so a wrong bucket changes the output
-        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.normal_(0, 2.0)
-    return model
 
 
 def clip_ids(eos: int, legacy: bool) -> torch.Tensor:
@@ -252,7 +198,7 @@ def clip_ids(eos: int, legacy: bool) -> torch.Tensor:
 @pytest.mark.parametrize("legacy", [True, False], ids=["eos_id_2_argmax", "eos_id_5_first_match"])
 def test_clip_encoder_matches_transformers(tmp_path, legacy):
     eos = 999 if legacy else 5
-    ref = tiny_clip(eos_token_id=2 if legacy else eos)
+    ref = tiny_clip(vocab_size=1000, hidden_size=32, eos_token_id=2 if legacy else eos)
     folder = save_sharded(ref, tmp_path / "clip")
     ours = load_clip(folder)
     assert isinstance(ours, CLIPTextModel) and not ours.training
@@ -279,7 +225,7 @@ def test_clip_keys_are_the_legacy_checkpoint_keys(tmp_path):
     fix-ups (position_ids buffer, text_projection head) work on a single-file checkpoint."""
     from transformers import CLIPTextModelWithProjection
 
-    ref = tiny_clip(eos_token_id=2)
+    ref = tiny_clip(vocab_size=1000, hidden_size=32)
     with_projection = CLIPTextModelWithProjection(ref.config)
     legacy_keys = {k for k in with_projection.state_dict() if k.startswith("text_model.")}
     assert set(CLIPTextModel(CLIPTextConfig.from_dict(ref.config.to_dict())).state_dict()) == legacy_keys
@@ -320,7 +266,7 @@ def test_full_size_configs_match_transformers():
 
 
 def test_t5_encoder_matches_transformers(tmp_path):
-    ref = tiny_t5()
+    ref = tiny_t5(vocab_size=1000, d_model=32)
     folder = save_sharded(ref, tmp_path / "t5")
     ours = load_t5(folder)
     assert isinstance(ours, T5Encoder) and not ours.training
@@ -356,7 +302,7 @@ def test_t5_relative_buckets_match_transformers(num_buckets, max_distance):
 
 def test_t5_tied_embedding_only_checkpoint(tmp_path):
     """A checkpoint holding only encoder.embed_tokens (the tied alias of shared) loads, single file."""
-    ref = tiny_t5()
+    ref = tiny_t5(vocab_size=1000, d_model=32)
     folder = tmp_path / "t5"
     folder.mkdir()
     ref.config.to_json_file(folder / "config.json")
@@ -373,7 +319,7 @@ def test_t5_half_precision(tmp_path, dtype):
     """bf16 runs fully in bf16, fp16 keeps `wo` in fp32; both track transformers loaded in the same dtype."""
     from transformers import T5EncoderModel
 
-    ref = tiny_t5()
+    ref = tiny_t5(vocab_size=1000, d_model=32)
     folder = save_sharded(ref, tmp_path / "t5")
     ours = load_t5(folder, dtype=dtype)
     wo = ours.encoder.block[0].layer[1].DenseReluDense.wo.weight
@@ -399,7 +345,7 @@ def test_t5_half_precision(tmp_path, dtype):
 
 
 def test_read_weights_paths(tmp_path):
-    ref = tiny_t5()
+    ref = tiny_t5(vocab_size=1000, d_model=32)
     folder = save_sharded(ref, tmp_path / "t5")
     from_folder = read_weights(folder)
     from_index = read_weights(folder / "model.safetensors.index.json")
@@ -424,7 +370,7 @@ def test_loading_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json in"):
         load_t5(no_config)
 
-    ref = tiny_clip(eos_token_id=2)
+    ref = tiny_clip(vocab_size=1000, hidden_size=32)
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     ref.config.to_json_file(no_weights / "config.json")
