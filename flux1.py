@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import solvers
 
@@ -1167,6 +1168,47 @@ def schedule(steps: int, height: int, width: int) -> Tensor:
     return solvers.time_shift(solvers.linear_sigmas(steps), solvers.flux1_mu(tokens))
 
 
+def canvas(init_image, noise, height, width, default_size) -> tuple[Tensor | None, int, int]:
+    """The output size: from the init image, else the given noise, else the arguments, else the model's default;
+    image sides must be multiples of PIXELS_PER_TOKEN."""
+    init = None
+    if init_image is not None:
+        init = init_image if isinstance(init_image, Tensor) else image_to_tensor(init_image, height, width, 16)
+        height, width = init.shape[-2:]
+    if noise is not None:
+        height, width = noise.shape[-2] * 8, noise.shape[-1] * 8
+    height, width = height or default_size[0], width or default_size[1]
+    if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
+        raise ValueError(f"height and width must be multiples of {PIXELS_PER_TOKEN}, got {width}x{height}")
+    return init, height, width
+
+
+def run_sampler(pipe, velocity_fn, n, height, width, sigmas, solver, seed, noise, init, strength, output, progress):
+    """What generate() shares across the image families: seeded noise, the image-to-image start, the solver with a
+    progress bar, decoding. `velocity_fn(x, sigma)` speaks the sigma convention (1 = noise)."""
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
+    device = pipe.device
+    if noise is None:
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
+        noise = draw_noise((pipe.ae.params.z_channels, height // 8, width // 8), seeds, device)
+    x = noise.to(device, torch.float32)
+    sigmas = sigmas.to(device, torch.float32)
+    if init is not None:
+        # Start part-way down the schedule (the last `strength` of its steps, as diffusers' img2img pipelines do),
+        # with the init latents noised to exactly the sigma the model is then told it is at.
+        steps = len(sigmas) - 1
+        sigmas = sigmas[int(steps - min(steps * strength, steps)) :]
+        x0 = pipe.encode(init.to(device)).expand(n, -1, -1, -1)
+        x = torch.lerp(x0.float(), x, sigmas[0])
+    with tqdm(total=len(sigmas) - 1, disable=not progress, desc=pipe.variant) as bar:
+        x = solvers.SOLVERS[solver](velocity_fn, x, sigmas, callback=lambda *_: bar.update())
+    if output == "latent":
+        return x
+    pixels = pipe.decode(x)
+    return pixels if output == "pt" else to_pil(pixels)
+
+
 class Flux1Pipeline:
     def __init__(self, transformer: Flux, ae: AutoEncoder, clip, t5, clip_tokenizer, t5_tokenizer, variant: str):
         self.transformer, self.ae = transformer, ae
@@ -1246,38 +1288,11 @@ class Flux1Pipeline:
         steps, solver = steps or d.steps, solver or d.solver
         guidance = d.guidance if guidance is None else (None if guidance is False else float(guidance))
         cfg = d.cfg if cfg is None else cfg
-        if solver not in solvers.SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
-        init = None
-        if init_image is not None:
-            init = init_image if isinstance(init_image, Tensor) else image_to_tensor(init_image, height, width, 16)
-            height, width = init.shape[-2:]
-        if noise is not None:
-            height, width = noise.shape[-2] * 8, noise.shape[-1] * 8
-        height, width = height or d.size[0], width or d.size[1]
-        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
-            raise ValueError(f"height and width must be multiples of {PIXELS_PER_TOKEN}, got {width}x{height}")
-
+        init, height, width = canvas(init_image, noise, height, width, d.size)
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
-        prompts, negatives = as_list(prompts, n), as_list(negative_prompt, n)
-        cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if cfg != 1 else None
-
-        device = self.device
-        if noise is None:
-            seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
-            noise = draw_noise((16, height // 8, width // 8), seeds, device)
-        x = noise.to(device, torch.float32)
-        if sigmas is None:
-            sigmas = schedule(steps, height, width)
-        sigmas = sigmas.to(device, torch.float32)
-        if init is not None:
-            # Start part-way down the schedule, at the noise level the model will be told it is at.
-            start = int(steps - min(steps * strength, steps))
-            sigmas = sigmas[start:]
-            x0 = self.encode(init.to(device)).expand(n, -1, -1, -1)
-            x = torch.lerp(x0.float(), x, sigmas[0])
+        cond = self.encode_prompt(as_list(prompts, n))
+        uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg != 1 else None
 
         def velocity_fn(x, sigma):
             v = self.velocity(x, sigma, cond, guidance)
@@ -1286,11 +1301,7 @@ class Flux1Pipeline:
                 v = torch.lerp(v_u, v, cfg)
             return v
 
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(sigmas) - 1, disable=not progress, desc=self.variant) as bar:
-            x = solvers.SOLVERS[solver](velocity_fn, x, sigmas, callback=lambda *_: bar.update())
-        if output == "latent":
-            return x
-        pixels = self.decode(x)
-        return pixels if output == "pt" else to_pil(pixels)
+        sigmas = schedule(steps, height, width) if sigmas is None else sigmas
+        return run_sampler(
+            self, velocity_fn, n, height, width, sigmas, solver, seed, noise, init, strength, output, progress
+        )

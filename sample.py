@@ -75,6 +75,13 @@ def pick_device(name: str | None) -> str:
     import torch
 
     if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name!r}: not a device name (cuda, cuda:1, cpu, mps, ...)") from None
+        available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+        if device.type in available and not available[device.type]():
+            raise UsageError(f"--device {name}: no {device.type} device here; try --device cpu")
         return name
     if torch.cuda.is_available():
         return "cuda"

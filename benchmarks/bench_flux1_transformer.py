@@ -7,6 +7,7 @@ one thread, fp32 and bf16, the two sides interleaved. Target: ours <= 0.9x diffu
 """
 
 import argparse
+from functools import partial
 
 import torch
 from common import interleaved
@@ -20,6 +21,7 @@ def main():
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both sides first")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from diffusers import FluxTransformer2DModel
@@ -63,13 +65,14 @@ def main():
             guidance=guidance,
             return_dict=False,
         )
+        run_ours, run_ref = (torch.compile(ours), torch.compile(ref)) if args.compile else (ours, ref)
         with torch.inference_mode():
-            out_ours, out_ref = ours(**a), ref(**b)[0]  # warm-up, and a sanity check that both compute the same
+            out_ours, out_ref = run_ours(**a), run_ref(**b)[0]  # warm-up, and a sanity check that both compute the same
             err = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
-            sides = {"ours": lambda a=a: ours(**a), "diffusers": lambda b=b: ref(**b)}
+            sides = {"ours": partial(run_ours, **a), "diffusers": partial(run_ref, **b)}
             r = interleaved(sides, args.windows, args.calls)
         print(
-            f"{name}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, "
+            f"{name}{' compiled' if args.compile else ''}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, "
             f"ratio {r['ours'] / r['diffusers']:.3f} (target <= 0.9), util {r['util']:.2f}, rel diff {err:.1e}"
         )
 

@@ -148,10 +148,12 @@ def one_line_error(r, *needles):
         (["flux1", "a cat", "--solver", "heun"], ["unknown solver 'heun'", "dpmpp_2m"]),
         (["flux1", "a cat", "--init-image", __file__], ["cannot read --init-image"]),
         (["flux1", "a cat", "--guidance", "lots"], ["--guidance"]),
+        (["flux1", "a cat", "--device", "toaster"], ["--device 'toaster'"]),
     ],
 )
 def test_bad_input_gets_one_line(args, needles):
-    one_line_error(cli(*args, "--device", "cpu"), *needles)
+    device = [] if "--device" in args else ["--device", "cpu"]
+    one_line_error(cli(*args, *device), *needles)
 
 
 def test_broken_weights_folder_gets_one_line(repo, tmp_path):
