@@ -254,7 +254,7 @@ class T5Tokenizer:
 # CLIP-L text encoder (OpenAI CLIP ViT-L/14's text tower). Pre-LayerNorm causal transformer with learned positions.
 
 
-def _from_config_json(cls, config: dict):
+def config_from_dict(cls, config: dict):
     """Build a config dataclass from a transformers config.json dict, ignoring the many fields we do not need."""
     return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
@@ -276,7 +276,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "CLIPTextConfig":
-        return _from_config_json(cls, config)
+        return config_from_dict(cls, config)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +387,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, config: dict) -> "T5Config":
-        return _from_config_json(cls, config)
+        return config_from_dict(cls, config)
 
 
 class T5RMSNorm(nn.Module):
@@ -561,17 +561,18 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope(ids: Tensor, axes_dim, theta: int) -> Tensor:
+def rope(ids: Tensor, axes_dim, theta: float, angle_dtype=torch.float64) -> Tensor:
     """Rotary table for 3-axis positions `ids` (L, 3): one 2x2 rotation [[cos, -sin], [sin, cos]] per channel pair,
     shape (L, head_dim / 2, 2, 2).
 
     Each axis rotates its own slice of the head dimension (RoFormer, arXiv 2104.09864); FLUX pairs adjacent
-    channels (2i, 2i+1). Angles are computed in float64 like the official code, so large positions stay exact.
-    Real arithmetic rather than complex numbers, so torch.compile can fuse it."""
+    channels (2i, 2i+1). The angles are computed in float64 like BFL's code, so large positions stay exact
+    (Z-Image's official table rounds them to float32 first: `angle_dtype`). Real arithmetic rather than complex
+    numbers, so torch.compile can fuse it."""
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
-        angles.append(ids[:, i, None].double() * omega)
+        angles.append((ids[..., i, None].double() * omega).to(angle_dtype))
     angles = torch.cat(angles, dim=-1)
     cos, sin = angles.cos(), angles.sin()
     return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
@@ -1025,19 +1026,38 @@ def load_ae(root, device="cpu", dtype=torch.float32) -> AutoEncoder:
 # Loading
 
 
-def resolve(name_or_path, variant: str | None = None) -> tuple[Path, str]:
-    """A local folder laid out like the official repo, or a variant name fetched from Hugging Face."""
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"unknown FLUX.1 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+def locate(name_or_path, variant: str | None, variants: dict, family: str, detect, files) -> tuple[Path, str]:
+    """A local folder laid out like the official repo (its variant given, or told by `detect(folder)`), or a variant
+    name whose repo is fetched from Hugging Face (only `files(variant)`). Shared by every model file."""
+    if variant is not None and variant not in variants:
+        raise ValueError(f"unknown {family} variant {variant!r}; choose one of {', '.join(variants)}")
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir():
-        return path, variant or detect_variant(path)
-    if str(name_or_path) in VARIANTS:
+        return path, variant or detect(path)
+    if str(name_or_path) in variants:
         variant = str(name_or_path)
-        return download(VARIANTS[variant], component_files(VARIANTS[variant])), variant
+        v = variants[variant]
+        return download(v.repo, files(v), getattr(v, "gated", False)), variant
     if path.suffix or "/" in str(name_or_path):
         raise FileNotFoundError(f"weights folder {path} does not exist")
-    raise ValueError(f"unknown FLUX.1 variant {name_or_path!r}; choose one of {', '.join(VARIANTS)} or a local folder")
+    raise ValueError(f"unknown {family} variant {name_or_path!r}; choose one of {', '.join(variants)} or a folder")
+
+
+def download(repo: str, patterns: list[str], gated: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:  # network, auth and gating errors all end here with one actionable line
+        hint = (
+            f" {repo} is gated: accept its licence on https://huggingface.co/{repo}, then run `hf auth login`"
+            " (or set HF_TOKEN)."
+            if gated
+            else ""
+        )
+        raise FileNotFoundError(
+            f"could not download {repo} ({type(e).__name__}).{hint} Or pass a local copy laid out like the repo."
+        ) from None
 
 
 def detect_variant(root: Path) -> str:
@@ -1050,23 +1070,6 @@ def detect_variant(root: Path) -> str:
 def component_files(v: Variant) -> list[str]:
     files = [v.transformer_file, "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
     return files + ([v.ae_file] if v.ae_file else ["vae/*"])
-
-
-def download(v: Variant, patterns: list[str]) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(v.repo, allow_patterns=patterns))
-    except Exception as e:  # network, auth and gating errors all end here with one actionable line
-        hint = (
-            f" {v.repo} is gated: accept its licence on https://huggingface.co/{v.repo}, then run `hf auth login`"
-            " (or set HF_TOKEN)."
-            if v.gated
-            else ""
-        )
-        raise FileNotFoundError(
-            f"could not download {v.repo} ({type(e).__name__}).{hint} Or pass a local copy laid out like the repo."
-        ) from None
 
 
 def find_transformer_file(root: Path, v: Variant) -> Path:
@@ -1084,7 +1087,7 @@ def load(
     """Load the whole pipeline from a variant name (downloads from Hugging Face) or a folder laid out like the repo:
     `<transformer>.safetensors`, `ae.safetensors` (or `vae/`), `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
     `tokenizer_2/`."""
-    root, variant = resolve(name_or_path, variant)
+    root, variant = locate(name_or_path, variant, VARIANTS, "FLUX.1", detect_variant, component_files)
     v = VARIANTS[variant]
     transformer = load_transformer(find_transformer_file(root, v), device, dtype)
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ["flux1"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
 
 
 class UsageError(Exception):
@@ -115,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the model's)")
     p.add_argument("--steps", type=int, help="number of solver steps (default: the model's)")
     p.add_argument("--solver", help="euler, dpmpp_2m or unipc (default: the model's)")
-    p.add_argument("--guidance", help="distilled guidance scale, or 'off' to bypass the guidance embedder")
-    p.add_argument("--cfg", type=float, help="true classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", help="FLUX.1's distilled guidance scale, or 'off' to bypass the guidance embedder")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help="true classifier-free guidance scale, in the model's official convention (FLUX.1: 1 = off; Z-Image: "
+        "v_c + cfg (v_c - v_u), 0 = off)",
+    )
+    p.add_argument("--cfg-truncation", type=float, help="Z-Image: no CFG once its time 1 - sigma exceeds this")
+    p.add_argument("--cfg-normalization", type=float, help="Z-Image: cap the guided norm at this x the conditional")
     p.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
@@ -170,6 +177,12 @@ def run(args) -> int:
     d = pipe.defaults
     written = []
     index = next_index(out)
+    # Options only some families have (Z-Image's official CFG truncation/normalisation) are passed only when given.
+    extra = {
+        k: v
+        for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
+        if v is not None
+    }
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
     for prompt, image_seed in jobs:
         settings = {
@@ -182,12 +195,14 @@ def run(args) -> int:
             "size": f"{width or d.size[1]}x{height or d.size[0]}",
             "steps": args.steps or d.steps,
             "solver": args.solver or d.solver,
-            "guidance": "off" if guidance is False else (d.guidance if guidance is None else guidance),
             "cfg": args.cfg if args.cfg is not None else d.cfg,
             "init_image": args.init_image,
             "strength": args.strength if args.init_image else None,
             "dtype": dtype_name,
         }
+        if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
+            settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
+        settings.update(extra)
         (image,) = pipe.generate(
             prompt,
             height=height,
@@ -201,6 +216,7 @@ def run(args) -> int:
             init_image=args.init_image,
             strength=args.strength,
             progress=not args.quiet,
+            **extra,
         )
         settings["size"] = f"{image.width}x{image.height}"
         path = out / f"{index:05d}-{image_seed}.png"

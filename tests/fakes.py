@@ -4,6 +4,7 @@ The reference models come from diffusers / transformers (test-only oracles); the
 official repos ship, so our loaders are exercised exactly as on real checkpoints."""
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,99 @@ import torch
 from safetensors.torch import save_file
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+
+LONG_PROMPT = (
+    "a highly detailed photograph of an astronaut riding a horse on the surface of mars, " * 30
+)  # > 512 T5 tokens
+
+# Prompts for tokenizer parity tests: case, punctuation, numbers, scripts, emoji, whitespace, truncation.
+VARIED_PROMPTS = [
+    "a photo of a cat",
+    "A Photo Of A CAT",
+    "A PHOTO OF A CAT!!!",
+    "",
+    " ",
+    "   leading and trailing spaces   ",
+    "repeated     spaces    inside",
+    "tabs\tand\nnewlines\r\nand\x0bvertical\x0cfeeds",
+    "it's a dog's life, isn't it? we'll see, you'd know, they've gone, I'm here, they're there",
+    "IT'S SHOUTED, DON'T",
+    "quotes: 'single' \"double\" `back` \u2018curly\u2019 \u201ccurly\u201d",
+    "numbers 0 1 23 456 7890 3.14159 1,000,000 2nd 3rd 4th 1e-5",
+    "version v1.2.3-beta+build.42 at 12:30pm on 2024/01/02",
+    "email someone@example.com and url https://example.com/path?q=1&r=2#frag",
+    "hashtags #sunset #nofilter @user",
+    "math: x^2 + y^2 = z^2, a<b>c, 50% off, $100, \u20ac20, \u00a35",
+    "punctuation runs ... !!! ??? ,,, ;;; ::: --- ___ *** ((())) [[[]]] {{{}}}",
+    "brackets (a) [b] {c} <d> |e| /f/ \\g\\ ~h~",
+    "caf\u00e9 na\u00efve r\u00e9sum\u00e9 fa\u00e7ade co\u00f6perate",
+    "cafe\u0301 composed vs decomposed accents",  # NFC turns e + combining acute into \u00e9
+    "\u00c9COLE \u00c0 PARIS, \u00dcBER STRA\u00dfE, \u0130STANBUL",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \u4e2d\u6587\u5b57\u7b26 \ud55c\uad6d\uc5b4",
+    "\u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u0442\u0435\u043a\u0441\u0442",
+    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u039a\u0395\u0399\u039c\u0395\u039d\u039f",
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u05e2\u05d1\u05e8\u05d9\u05ea \u0939\u093f\u0928\u094d\u0926\u0940",
+    "emoji \U0001f431\U0001f680\U0001f308 and \U0001f469\u200d\U0001f4bb zwj and flags \U0001f1eb\U0001f1f7",
+    "skin tones \U0001f44d\U0001f3fd and variation selector \u2764\ufe0f",
+    "full width \uff21\uff22\uff23 \uff11\uff12\uff13 and ideographic\u3000space",
+    "ligatures \ufb01 \ufb02 and fractions \u00bd \u2153 and superscripts x\u00b2 \u2122 \u00a9 \u00ae",
+    "zero\u200bwidth\u200cjoiner\u200dthings and soft\u00adhyphen",
+    "non\u00a0breaking\u00a0space and en\u2002space and thin\u2009space",
+    "dashes \u2013 \u2014 \u2212 and ellipsis \u2026 and bullet \u2022",
+    "roman numerals \u2160 \u2161 \u2162 and circled \u2460 \u2461",
+    "arabic-indic digits \u0661\u0662\u0663 and devanagari digits \u0967\u0968",
+    "<|startoftext|> a special token typed in the prompt <|endoftext|>",
+    "<|ENDOFTEXT|> upper-case special token text",
+    "</s> <pad> <unk> <extra_id_0> <extra_id_99> t5 special tokens typed in",
+    "html &amp; entities &lt;b&gt; and <b>tags</b>",
+    "snake_case camelCase PascalCase kebab-case SCREAMING_CASE",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "antidisestablishmentarianism pneumonoultramicroscopicsilicovolcanoconiosis",
+    "supercalifragilisticexpialidocious floccinaucinihilipilification",
+    "a" * 300,
+    "word " * 100,  # > 77 CLIP tokens
+    "1234567890" * 20,  # each digit is its own CLIP word
+    LONG_PROMPT,
+    LONG_PROMPT.upper(),
+    "a cinematic shot of a baby racoon wearing an intricate italian priest robe",
+    "photo of a red sports car parked on a cobblestone street, golden hour, 35mm film, bokeh",
+    "oil painting, portrait of a woman, renaissance style, by leonardo da vinci",
+    "a cute corgi, trending on artstation, 8k, unreal engine, octane render, ultra-detailed",
+    "masterpiece, best quality, (extremely detailed:1.2), [negative], {curly}, <lora:name:0.8>",
+    'text that says "Hello, World!" written in neon letters on a brick wall',
+    "a sign reading 'FLUX.1 [dev]' in a store window",
+    "mixed\u3000\u65e5\u672c\u8a9etext\u3068English\u6df7\u5728",
+    "\u0000null and \u0007bell control characters",
+    "\ufeffbyte order mark at start",
+    "private use \ue000 and unassigned \U000e0001 tag",
+    "surrogate-free astral \U0001d54f\U0001d550 math letters",
+    "\u00b5 micro and \u03bc mu, \u212b angstrom and \u00c5 A-ring, \u2126 ohm",
+    "Turkish dotless \u0131 and dotted \u0130, German \u1e9e capital sharp s",
+    "\t\n\r ",
+    "trailing newline\n",
+    "q",
+]
+
+
+def random_prompts(n: int, seed: int = 0, suffixes=("", "'s", "'ll", " <|endoftext|>", "</s>")) -> list[str]:
+    """Random strings from a mix of scripts, symbols and whitespace, to catch what the hand-written list misses."""
+    pools = [
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "0123456789",
+        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+        " \t\n\r\x0b\x0c\u00a0\u2002\u3000\u200b",
+        "\u00e0\u00e9\u00ee\u00f5\u00fc\u00e7\u00f1\u00c5\u00df\u0301\u0308",
+        "\u65e5\u672c\u8a9e\u4e2d\u6587\u3042\u30a2\ud55c",
+        "\u0440\u0443\u0441\u03b1\u03b2\u0627\u05d0\u0939",
+        "\U0001f431\U0001f680\u2764\ufe0f\u200d\U0001f3fd",
+        "\ufb01\u00bd\u00b2\u2122\u2160\u2460\uff21\uff11",
+    ]
+    rng = random.Random(seed)
+    return [
+        "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 40))) + rng.choice(suffixes)
+        for _ in range(n)
+    ]
+
 
 # Tiny FLUX.1: 2 heads of 32 channels (rope axes (4, 14, 14), the (16, 56, 56) split scaled down), 2 + 2 blocks.
 FLUX_TINY = dict(
@@ -41,6 +135,16 @@ AE_TINY = dict(
     scaling_factor=0.3611,
     shift_factor=0.1159,
 )
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of a against the reference b."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def max_rel(a, b) -> float:
+    """Largest absolute error relative to the reference's largest magnitude."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -251,5 +355,78 @@ def diffusers_flux_pipeline(refs: dict):
         tokenizer=tokenizer,
         text_encoder_2=refs["t5"],
         tokenizer_2=tokenizer_2,
+        transformer=refs["transformer"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Z-Image: the official repo layout is the diffusers one (transformer/, text_encoder/, tokenizer/, vae/, scheduler/).
+
+ZIMAGE_TINY = dict(
+    dim=64,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    cap_feat_dim=32,
+    axes_dims=[8, 12, 12],
+    axes_lens=[256, 64, 64],
+)
+
+
+def tiny_zimage_transformer(seed: int = 0):
+    from diffusers import ZImageTransformer2DModel
+
+    return randomize(ZImageTransformer2DModel(**ZIMAGE_TINY), std=0.2, seed=seed).eval()
+
+
+def tiny_qwen3(seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, causal_lm: bool = False):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+    return randomize(model, std=0.2, seed=seed).eval()
+
+
+def write_zimage_repo(root: Path, shift: float = 3.0, seed: int = 0) -> dict:
+    root = Path(root)
+    transformer, ae, qwen = tiny_zimage_transformer(seed), tiny_ae(seed + 1), tiny_qwen3(seed + 2)
+    transformer.save_pretrained(root / "transformer", max_shard_size="200KB")
+    ae.save_pretrained(root / "vae")
+    qwen.save_pretrained(root / "text_encoder", max_shard_size="2MB")
+    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / "qwen3" / f, root / "tokenizer" / f)
+    (root / "scheduler").mkdir(exist_ok=True)
+    scheduler = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": shift,
+        "use_dynamic_shifting": False,
+    }
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return {"transformer": transformer, "ae": ae, "text_encoder": qwen}
+
+
+def diffusers_zimage_pipeline(refs: dict, shift: float = 3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import AutoTokenizer
+
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False),
+        vae=refs["ae"],
+        text_encoder=refs["text_encoder"],
+        tokenizer=AutoTokenizer.from_pretrained(TOKENIZERS / "qwen3"),
         transformer=refs["transformer"],
     )

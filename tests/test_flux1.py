@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_flux_pipeline, flux_to_bfl, tiny_ae, write_flux1_repo
+from fakes import TOKENIZERS, diffusers_flux_pipeline, flux_to_bfl, rel, tiny_ae, write_flux1_repo
 from safetensors.torch import load_file, save_file
 
 import flux1
@@ -11,10 +11,6 @@ import flux1
 pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 PROMPTS = ["a photo of a cat", "Ein Fuchs im Schnee, watercolor, 4k!"]
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 """FLUX.1 text encoders: tokenizers and encoders against transformers (the test-only parity oracle), and loading."""
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from fakes import TOKENIZERS, tiny_clip, tiny_t5
+from fakes import LONG_PROMPT, TOKENIZERS, VARIED_PROMPTS, max_rel, random_prompts, tiny_clip, tiny_t5
 from safetensors.torch import save_file
 
 from flux1 import (
@@ -21,82 +20,8 @@ from flux1 import (
     t5_relative_position_buckets,
 )
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers, on the real CLIP-L and T5-XXL vocabularies.
-
-LONG = "a highly detailed photograph of an astronaut riding a horse on the surface of mars, " * 30  # > 512 T5 tokens
-
-PROMPTS = [
-    "a photo of a cat",
-    "A Photo Of A CAT",
-    "A PHOTO OF A CAT!!!",
-    "",
-    " ",
-    "   leading and trailing spaces   ",
-    "repeated     spaces    inside",
-    "tabs\tand\nnewlines\r\nand\x0bvertical\x0cfeeds",
-    "it's a dog's life, isn't it? we'll see, you'd know, they've gone, I'm here, they're there",
-    "IT'S SHOUTED, DON'T",
-    "quotes: 'single' \"double\" `back` \u2018curly\u2019 \u201ccurly\u201d",
-    "numbers 0 1 23 456 7890 3.14159 1,000,000 2nd 3rd 4th 1e-5",
-    "version v1.2.3-beta+build.42 at 12:30pm on 2024/01/02",
-    "email someone@example.com and url https://example.com/path?q=1&r=2#frag",
-    "hashtags #sunset #nofilter @user",
-    "math: x^2 + y^2 = z^2, a<b>c, 50% off, $100, \u20ac20, \u00a35",
-    "punctuation runs ... !!! ??? ,,, ;;; ::: --- ___ *** ((())) [[[]]] {{{}}}",
-    "brackets (a) [b] {c} <d> |e| /f/ \\g\\ ~h~",
-    "caf\u00e9 na\u00efve r\u00e9sum\u00e9 fa\u00e7ade co\u00f6perate",
-    "cafe\u0301 composed vs decomposed accents",  # NFC turns e + combining acute into \u00e9
-    "\u00c9COLE \u00c0 PARIS, \u00dcBER STRA\u00dfE, \u0130STANBUL",
-    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \u4e2d\u6587\u5b57\u7b26 \ud55c\uad6d\uc5b4",
-    "\u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u0442\u0435\u043a\u0441\u0442",
-    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u039a\u0395\u0399\u039c\u0395\u039d\u039f",
-    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u05e2\u05d1\u05e8\u05d9\u05ea \u0939\u093f\u0928\u094d\u0926\u0940",
-    "emoji \U0001f431\U0001f680\U0001f308 and \U0001f469\u200d\U0001f4bb zwj and flags \U0001f1eb\U0001f1f7",
-    "skin tones \U0001f44d\U0001f3fd and variation selector \u2764\ufe0f",
-    "full width \uff21\uff22\uff23 \uff11\uff12\uff13 and ideographic\u3000space",
-    "ligatures \ufb01 \ufb02 and fractions \u00bd \u2153 and superscripts x\u00b2 \u2122 \u00a9 \u00ae",
-    "zero\u200bwidth\u200cjoiner\u200dthings and soft\u00adhyphen",
-    "non\u00a0breaking\u00a0space and en\u2002space and thin\u2009space",
-    "dashes \u2013 \u2014 \u2212 and ellipsis \u2026 and bullet \u2022",
-    "roman numerals \u2160 \u2161 \u2162 and circled \u2460 \u2461",
-    "arabic-indic digits \u0661\u0662\u0663 and devanagari digits \u0967\u0968",
-    "<|startoftext|> a special token typed in the prompt <|endoftext|>",
-    "<|ENDOFTEXT|> upper-case special token text",
-    "</s> <pad> <unk> <extra_id_0> <extra_id_99> t5 special tokens typed in",
-    "html &amp; entities &lt;b&gt; and <b>tags</b>",
-    "snake_case camelCase PascalCase kebab-case SCREAMING_CASE",
-    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-    "antidisestablishmentarianism pneumonoultramicroscopicsilicovolcanoconiosis",
-    "supercalifragilisticexpialidocious floccinaucinihilipilification",
-    "a" * 300,
-    "word " * 100,  # > 77 CLIP tokens
-    "1234567890" * 20,  # each digit is its own CLIP word
-    LONG,
-    LONG.upper(),
-    "a cinematic shot of a baby racoon wearing an intricate italian priest robe",
-    "photo of a red sports car parked on a cobblestone street, golden hour, 35mm film, bokeh",
-    "oil painting, portrait of a woman, renaissance style, by leonardo da vinci",
-    "a cute corgi, trending on artstation, 8k, unreal engine, octane render, ultra-detailed",
-    "masterpiece, best quality, (extremely detailed:1.2), [negative], {curly}, <lora:name:0.8>",
-    'text that says "Hello, World!" written in neon letters on a brick wall',
-    "a sign reading 'FLUX.1 [dev]' in a store window",
-    "mixed\u3000\u65e5\u672c\u8a9etext\u3068English\u6df7\u5728",
-    "\u0000null and \u0007bell control characters",
-    "\ufeffbyte order mark at start",
-    "private use \ue000 and unassigned \U000e0001 tag",
-    "surrogate-free astral \U0001d54f\U0001d550 math letters",
-    "\u00b5 micro and \u03bc mu, \u212b angstrom and \u00c5 A-ring, \u2126 ohm",
-    "Turkish dotless \u0131 and dotted \u0130, German \u1e9e capital sharp s",
-    "\t\n\r ",
-    "trailing newline\n",
-    "q",
-]
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +29,6 @@ def tokenizer_files() -> Path:
     if not (TOKENIZERS / "clip_l" / "vocab.json").is_file() or not (TOKENIZERS / "t5_xxl" / "tokenizer.json").is_file():
         pytest.skip(f"real tokenizer files not found under {TOKENIZERS} (clip_l/vocab.json, t5_xxl/tokenizer.json)")
     return TOKENIZERS
-
-
-def random_prompts(n: int, seed: int = 0) -> list[str]:
-    """Random strings from a mix of scripts, symbols and whitespace, to catch what the hand-written list misses."""
-    pools = [
-        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
-        "0123456789",
-        "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
-        " \t\n\r\x0b\x0c\u00a0\u2002\u3000\u200b",
-        "\u00e0\u00e9\u00ee\u00f5\u00fc\u00e7\u00f1\u00c5\u00df\u0301\u0308",
-        "\u65e5\u672c\u8a9e\u4e2d\u6587\u3042\u30a2\ud55c",
-        "\u0440\u0443\u0441\u03b1\u03b2\u0627\u05d0\u0939",
-        "\U0001f431\U0001f680\u2764\ufe0f\u200d\U0001f3fd",
-        "\ufb01\u00bd\u00b2\u2122\u2160\u2460\uff21\uff11",
-    ]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        chars = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 40))]
-        out.append("".join(chars) + rng.choice(["", "'s", "'ll", " <|endoftext|>", "</s>"]))
-    return out
 
 
 def test_clip_tokenizer_matches_transformers(tokenizer_files):
@@ -139,7 +43,7 @@ def test_clip_tokenizer_matches_transformers(tokenizer_files):
     ]
     for ref in refs:
         assert ref("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    prompts = PROMPTS + random_prompts(300)
+    prompts = VARIED_PROMPTS + random_prompts(300)
     ids = ours(prompts)
     assert ids.dtype == torch.long and ids.shape == (len(prompts), 77)
     for ref in refs:
@@ -158,18 +62,18 @@ def test_t5_tokenizer_matches_transformers(tokenizer_files):
     path = tokenizer_files / "t5_xxl" / "tokenizer.json"
     ours = T5Tokenizer(path)
     refs = [T5TokenizerFast(tokenizer_file=str(path)), T5TokenizerFast.from_pretrained(path.parent)]
-    prompts = PROMPTS + random_prompts(300, seed=1)
+    prompts = VARIED_PROMPTS + random_prompts(300, seed=1)
     ids = ours(prompts)
     assert ids.dtype == torch.long and ids.shape == (len(prompts), 512)
     for ref in refs:
         expected = ref(prompts, padding="max_length", max_length=512, truncation=True).input_ids
         for prompt, got, want in zip(prompts, ids.tolist(), expected):
             assert got == want, f"T5 ids differ for {prompt!r}"
-    long = ours([LONG])[0]
+    long = ours([LONG_PROMPT])[0]
     assert long[-1] == 1 and (long != 0).all()  # truncated to 512, still ending with </s>
     short = ours(["a photo of a cat"])[0].tolist()
     assert short[short.index(1) + 1 :] == [0] * (511 - short.index(1))
-    assert T5Tokenizer(path, max_length=256)([LONG]).shape == (1, 256)  # FLUX.1-schnell's length
+    assert T5Tokenizer(path, max_length=256)([LONG_PROMPT]).shape == (1, 256)  # FLUX.1-schnell's length
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,7 +116,7 @@ def test_clip_encoder_matches_transformers(tmp_path, legacy):
         out = ref(input_ids=ids)
     want = out.pooler_output
     assert got.shape == (6, 32)
-    err = rel_err(got, want)
+    err = max_rel(got, want)
     print(f"CLIP pooled max rel err ({'legacy' if legacy else 'eos match'}): {err:.2e}")
     assert err <= 1e-5
     # Non-trivial: the hidden states differ across positions, so pooling at a wrong position would be caught.
@@ -239,7 +143,7 @@ def test_clip_keys_are_the_legacy_checkpoint_keys(tmp_path):
     save_file(sd, folder / "model.safetensors")
     ids = clip_ids(999, legacy=True)
     with torch.no_grad():
-        assert rel_err(load_clip(folder)(ids), ref(input_ids=ids).pooler_output) <= 1e-5
+        assert max_rel(load_clip(folder)(ids), ref(input_ids=ids).pooler_output) <= 1e-5
 
 
 def test_full_size_configs_match_transformers():
@@ -279,7 +183,7 @@ def test_t5_encoder_matches_transformers(tmp_path):
         got = ours(ids)
         want = ref(input_ids=ids).last_hidden_state
     assert got.shape == (2, 64, 32)
-    err = rel_err(got, want)
+    err = max_rel(got, want)
     print(f"T5 last_hidden_state max rel err: {err:.2e}")
     assert err <= 1e-5
     # Non-trivial: distant positions land in the log-spaced buckets and the outputs vary along the sequence.
@@ -311,7 +215,7 @@ def test_t5_tied_embedding_only_checkpoint(tmp_path):
     save_file(sd, folder / "model.safetensors")
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
-        assert rel_err(load_t5(folder)(ids), ref(input_ids=ids).last_hidden_state) <= 1e-5
+        assert max_rel(load_t5(folder)(ids), ref(input_ids=ids).last_hidden_state) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -337,7 +241,7 @@ def test_t5_half_precision(tmp_path, dtype):
     # ours must stay as close to the fp32 result as transformers in the same dtype is.
     ours_err, ref_err = (got.float() - exact).abs().mean().item(), (want.float() - exact).abs().mean().item()
     print(f"T5 {dtype}: mean abs err vs fp32 {ours_err:.2e} (transformers {ref_err:.2e})")
-    assert ours_err <= 1.2 * ref_err and rel_err(got, want) <= 5e-2
+    assert ours_err <= 1.2 * ref_err and max_rel(got, want) <= 5e-2
 
 
 # ----------------------------------------------------------------------------------------------------------------------

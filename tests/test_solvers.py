@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import rel
 
 import solvers
 
@@ -23,10 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""Z-Image: official-layout loading and parity with diffusers/transformers fed the same weights (fp32, tiny configs)."""
+
+import numpy as np
+import pytest
+import torch
+from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, tiny_zimage_transformer, write_zimage_repo
+
+import sample
+import zimage
+
+pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
+
+PROMPTS = ["a photo of a cat", "一只在雪地里的狐狸, watercolor, highly detailed, soft morning light, 4k!"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("z-image")
+    return root, write_zimage_repo(root, shift=3.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(repo):
+    return zimage.load(repo[0], device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ref_pipe(repo):
+    return diffusers_zimage_pipeline(repo[1], shift=3.0)
+
+
+def diffusers_transformer(ref, x, t, caps):
+    out = ref(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
+    return torch.stack(out).squeeze(2)
+
+
+def test_load_reads_official_layout(repo, pipe):
+    root, refs = repo
+    assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()  # sharded
+    assert (root / "text_encoder" / "model.safetensors.index.json").is_file()
+    p = pipe.transformer.params
+    assert (p.dim, p.n_layers, p.n_refiner_layers, p.n_heads, p.cap_feat_dim) == (64, 2, 1, 2, 32)
+    # Every tensor arrived intact (the strict load already refused missing or unexpected keys).
+    ours, theirs = pipe.transformer.state_dict(), refs["transformer"].state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert len(pipe.text_encoder.layers) == 2  # of 3: the last layer is never built or run
+    assert pipe.variant == "zimage-turbo" and pipe.defaults.shift == 3.0 and pipe.defaults.steps == 8
+
+
+@pytest.mark.parametrize("latent_size", [(6, 10), (8, 8)])  # 15 image tokens (not a multiple of 32), and 16
+def test_velocity_matches_diffusers(pipe, repo, latent_size):
+    ref = repo[1]["transformer"]
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, *latent_size)
+    caps = [torch.randn(7, 32), torch.randn(40, 32)]  # two prompts of different lengths
+    sigma = torch.tensor([0.3, 0.85])
+    with torch.no_grad():
+        ours = pipe.velocity(x, sigma, {"caps": caps})
+        theirs = diffusers_transformer(ref, x, 1 - sigma, caps)
+    assert theirs.abs().mean() > 1e-2
+    assert rel(ours, -theirs) < 1e-5  # velocity = -(model output), at model time 1 - sigma
+
+
+def test_batch_padding_does_not_leak():
+    # In float64, so kernel rounding (masked vs unmasked attention) cannot hide a real leak.
+    ref = tiny_zimage_transformer(seed=3)
+    with torch.device("meta"):
+        model = zimage.ZImageTransformer(zimage.ZImageParams.from_config(dict(ref.config)))
+    model = zimage.load_into(model, ref.state_dict(), "test").double()
+    torch.manual_seed(1)
+    x, t = torch.randn(3, 16, 6, 10, dtype=torch.float64), torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    caps = [torch.randn(n, 32, dtype=torch.float64) for n in (5, 70, 33)]
+    with torch.no_grad():
+        batch = model(x, t, caps)
+        alone = torch.cat([model(x[i : i + 1], t[i : i + 1], caps[i : i + 1]) for i in range(3)])
+    assert (batch - alone).abs().max() < 1e-10
+
+
+def test_prompt_features_match_transformers(pipe, ref_pipe):
+    prompts = [*PROMPTS, "", "long " * 600]  # the last one is truncated at 512 tokens
+    ours = pipe.encode_prompt(prompts)["caps"]
+    with torch.no_grad():
+        theirs, _ = ref_pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    assert [len(c) for c in ours] == [len(c) for c in theirs] and len(ours[3]) == 512
+    for a, b in zip(ours, theirs):
+        assert rel(a, b) < 1e-5
+
+
+def generate_both(pipe, ref_pipe, steps=4, cfg=0.0, negative=None, **options):
+    noise = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(4))  # 48x80 pixels
+    kw = dict(steps=steps, cfg=cfg, negative_prompt=negative or "", noise=noise, output="latent", progress=False)
+    ours = pipe.generate(PROMPTS, **kw, **options)
+    with torch.no_grad():
+        theirs = ref_pipe(
+            prompt=PROMPTS,
+            negative_prompt=negative,
+            guidance_scale=cfg,
+            height=48,
+            width=80,
+            num_inference_steps=steps,
+            latents=noise,
+            output_type="latent",
+            **options,
+        ).images
+    return ours, theirs
+
+
+def test_generate_turbo_matches_diffusers(pipe, ref_pipe):
+    ours, theirs = generate_both(pipe, ref_pipe)
+    assert rel(ours, theirs) < 1e-4
+
+
+def test_generate_base_with_cfg_matches_diffusers(pipe, ref_pipe):
+    ours, theirs = generate_both(pipe, ref_pipe, cfg=3.0, negative=["blurry", "低质量, text"])
+    assert rel(ours, theirs) < 1e-4
+    plain, _ = generate_both(pipe, ref_pipe, steps=1)
+    assert rel(ours, plain) > 1e-3
+
+
+@pytest.mark.parametrize("options", [{"cfg_truncation": 0.5}, {"cfg_normalization": 1.1}])
+def test_official_cfg_options_match_diffusers(pipe, ref_pipe, options):
+    ours, theirs = generate_both(pipe, ref_pipe, cfg=4.0, negative=["", "ugly"], **options)
+    assert rel(ours, theirs) < 1e-4
+    unchanged, _ = generate_both(pipe, ref_pipe, cfg=4.0, negative=["", "ugly"])
+    assert rel(ours, unchanged) > 1e-4  # the option really changed the result
+
+
+def test_decoded_pixels_match_diffusers(pipe, ref_pipe):
+    noise = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(5))
+    ours = pipe.generate(PROMPTS[0], steps=2, noise=noise, output="pt", progress=False)
+    with torch.no_grad():
+        theirs = ref_pipe(
+            prompt=PROMPTS[0],
+            guidance_scale=0.0,
+            height=32,
+            width=48,
+            num_inference_steps=2,
+            latents=noise,
+            output_type="pt",
+        ).images
+    assert rel(((ours + 1) / 2).clamp(0, 1), theirs) < 1e-4
+
+
+def test_batch_of_prompts_equals_one_at_a_time(pipe):
+    kw = dict(height=32, width=48, steps=3, output="latent", progress=False, cfg=2.0, negative_prompt="blurry")
+    batch = pipe.generate(PROMPTS, seed=[3, 4], **kw)
+    alone = torch.cat([pipe.generate(p, seed=s, **kw) for p, s in zip(PROMPTS, [3, 4])])
+    assert rel(batch, alone) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def smooth_pipe(repo):
+    """A random model's velocity oscillates in time as fast as the highest timestep-embedding frequency (a period
+    of ~0.006 in sigma) and is nearly chaotic; a trained one is smooth. Damped weights and no high time frequencies
+    make the tiny model's ODE smooth enough for step counts a test can afford."""
+    pipe = zimage.load(repo[0], device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "norm" not in name:
+                p.mul_(0.5)
+        w = pipe.transformer.t_embedder.mlp[0].weight  # inputs: 128 cosines then 128 sines, fastest first
+        w[:, :64], w[:, 128:192] = 0, 0
+    return pipe
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "unipc"])
+def test_solvers_agree_as_steps_grow(smooth_pipe, solver):
+    kw = dict(height=32, width=32, seed=0, output="latent", progress=False)
+    fine = smooth_pipe.generate(PROMPTS[0], steps=200, solver="unipc", **kw)
+    errors = [rel(smooth_pipe.generate(PROMPTS[0], steps=n, solver=solver, **kw), fine) for n in (5, 40)]
+    assert all(np.isfinite(errors)) and errors[1] < errors[0] / 4 and errors[1] < 0.05
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe.generate("x", height=40, width=48, steps=1, progress=False)
+    with pytest.raises(ValueError, match="no distilled guidance"):
+        pipe.generate("x", height=32, width=32, steps=1, guidance=3.5, progress=False)
+
+
+def test_sample_cli(repo, tmp_path, capsys):
+    from PIL import Image
+
+    common = ["--weights", str(repo[0]), "--size", "48x32", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert sample.main(["zimage", "a fox", "--seed", "2", "--out", str(tmp_path / "a"), *common]) == 0
+    assert (
+        sample.main(
+            [
+                "zimage-base",
+                "a fox",
+                "--seed",
+                "2",
+                "--out",
+                str(tmp_path / "b"),
+                "--cfg",
+                "3",
+                "--negative",
+                "blurry",
+                *common,
+            ]
+        )
+        == 0
+    )
+    a = Image.open(tmp_path / "a" / "00000-2.png")
+    b = Image.open(tmp_path / "b" / "00000-2.png")
+    assert a.size == (48, 32) and a.text["variant"] == "zimage-turbo" and b.text["variant"] == "zimage-base"
+    assert b.text["cfg"] == "3.0" and b.text["negative_prompt"] == "blurry"
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert sample.main(["zimage", "a fox", "--guidance", "2", "--out", str(tmp_path / "c"), *common]) == 2
+    assert "no distilled guidance" in capsys.readouterr().err
