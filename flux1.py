@@ -562,26 +562,25 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, 
 
 
 def rope(ids: Tensor, axes_dim, theta: float, angle_dtype=torch.float64) -> Tensor:
-    """Rotary table for 3-axis positions `ids` (L, 3): one 2x2 rotation [[cos, -sin], [sin, cos]] per channel pair,
-    shape (L, head_dim / 2, 2, 2).
+    """Rotary table for 3-axis positions `ids` (..., L, 3): one unit complex number e^(i angle) per channel pair,
+    shape (..., L, head_dim / 2), complex64.
 
     Each axis rotates its own slice of the head dimension (RoFormer, arXiv 2104.09864); FLUX pairs adjacent
     channels (2i, 2i+1). The angles are computed in float64 like BFL's code, so large positions stay exact
-    (Z-Image's official table rounds them to float32 first: `angle_dtype`). Real arithmetic rather than complex
-    numbers, so torch.compile can fuse it."""
+    (Z-Image's official table rounds them to float32 first: `angle_dtype`)."""
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append((ids[..., i, None].double() * omega).to(angle_dtype))
     angles = torch.cat(angles, dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+    return torch.complex(angles.cos().float(), angles.sin().float())
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate channel pairs of x (..., L, head_dim) in float32."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))  # (..., L, head_dim / 2, 1, 2)
-    return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).flatten(-2).type_as(x)
+    """Rotate the channel pairs of x (..., L, head_dim) in float32: one complex multiply per pair is the 2x2
+    rotation [[cos, -sin], [sin, cos]] of BFL's code, in a quarter of the element-wise work."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
