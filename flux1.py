@@ -1225,7 +1225,8 @@ class Flux1Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
+        """Where sampling runs: the transformer's device, unless offload.py set an execution device."""
+        return getattr(self, "execution_device", None) or self.transformer.img_in.weight.device
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict[str, Tensor]:

@@ -535,7 +535,8 @@ class ZImagePipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_pad_token.device
+        """Where sampling runs: the transformer's device, unless offload.py set an execution device."""
+        return getattr(self, "execution_device", None) or self.transformer.x_pad_token.device
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict[str, list[Tensor]]:
