@@ -23,6 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_to
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import lora
 import solvers
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1022,6 +1023,107 @@ def load_ae(root, device="cpu", dtype=torch.float32) -> AutoEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LoRA: which layers train by default, the file format written, and the diffusers names LoRAs from the wild may use
+
+LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay frozen
+    "double_blocks.*.img_attn.qkv",
+    "double_blocks.*.img_attn.proj",
+    "double_blocks.*.img_mlp.0",
+    "double_blocks.*.img_mlp.2",
+    "double_blocks.*.txt_attn.qkv",
+    "double_blocks.*.txt_attn.proj",
+    "double_blocks.*.txt_mlp.0",
+    "double_blocks.*.txt_mlp.2",
+    "single_blocks.*.linear1",
+    "single_blocks.*.linear2",
+]
+LORA_FORMAT = "kohya"  # lora_unet_<BFL name>: what kohya/ai-toolkit write for FLUX.1, loaded by ComfyUI and diffusers
+
+# diffusers' FluxTransformer2DModel names -> BFL names (diffusers' single-file converter, inverted). Projections that
+# BFL fuses are listed in order of their concatenation.
+DIFFUSERS_TOP = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # (scale, shift) there, (shift, scale) here
+}
+DIFFUSERS_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+DIFFUSERS_SINGLE = {
+    "norm.linear": "modulation.lin",
+    "attn.norm_q": "norm.query_norm",
+    "attn.norm_k": "norm.key_norm",
+    "proj_out": "linear2",
+}
+DIFFUSERS_FUSED_DOUBLE = {
+    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+}
+DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
+
+
+def diffusers_names(params: FluxParams) -> list[str]:
+    """Every diffusers module path of a model with these params (to read OneTrainer/PEFT/kohya-diffusers LoRAs)."""
+    names = list(DIFFUSERS_TOP)
+    for i in range(params.depth):
+        parts = [*DIFFUSERS_DOUBLE, *sum(DIFFUSERS_FUSED_DOUBLE.values(), [])]
+        names += [f"transformer_blocks.{i}.{n}" for n in parts]
+    for i in range(params.depth_single_blocks):
+        parts = [*DIFFUSERS_SINGLE, *sum(DIFFUSERS_FUSED_SINGLE.values(), [])]
+        names += [f"single_transformer_blocks.{i}.{n}" for n in parts]
+    return names
+
+
+def lora_to_bfl(pairs: dict, params: FluxParams) -> dict:
+    """LoRA pairs named like diffusers' modules -> BFL names; q/k/v (and the single blocks' MLP input) are fused
+    exactly into one LoRA of the fused linear. Pairs already in BFL names pass through."""
+    out, fused = {}, {}
+    for name, pair in pairs.items():
+        if name in DIFFUSERS_TOP:
+            if name == "norm_out.linear":
+                raise ValueError("LoRAs on norm_out.linear (final adaLN) are not supported")
+            out[DIFFUSERS_TOP[name]] = pair
+        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", name):
+            single, i, rest = m[1], m[2], m[3]
+            renames, groups = (
+                (DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE) if single else (DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
+            )
+            block = f"{'single' if single else 'double'}_blocks.{i}"
+            if rest in renames:
+                out[f"{block}.{renames[rest]}"] = pair
+                continue
+            target = next((t for t, srcs in groups.items() if rest in srcs), None)
+            if target is None:
+                raise ValueError(f"LoRA module {name} has no FLUX.1 counterpart")
+            fused.setdefault(f"{block}.{target}", {})[groups[target].index(rest)] = pair
+        else:
+            out[name] = pair
+    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    for name, parts in fused.items():
+        sizes = [h, h, h, mlp] if name.endswith("linear1") else [h, h, h]
+        out[name] = lora.fuse([parts.get(i) for i in range(len(sizes))], sizes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -1252,6 +1354,19 @@ class Flux1Pipeline:
         txt_ids = torch.zeros(txt.shape[1], 3, device=device)
         out = self.transformer(patchify(x), image_ids(h // 2, w // 2, device), txt, txt_ids, sigma, vec, guidance)
         return unpatchify(out.float(), h, w)
+
+    def load_lora(self, path, scale: float = 1.0) -> list[str]:
+        """Apply a LoRA file (kohya, diffusers/PEFT or ComfyUI keys) to the transformer at `scale`; returns the
+        layers it touched. Several files stack."""
+        params = self.transformer.params
+        names = [n for n, _ in self.transformer.named_modules()] + diffusers_names(params)
+        pairs, _ = lora.read(path, names)
+        return lora.apply(self.transformer, lora_to_bfl(pairs, params), scale)
+
+    def training_kwargs(self) -> dict:
+        """Extra velocity() arguments while training: FLUX.1-dev trains at guidance 1.0, Flex.1-alpha with the
+        guidance embedder bypassed (None)."""
+        return {"guidance": self.defaults.train_guidance}
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:

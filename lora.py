@@ -13,6 +13,8 @@ File formats (what other tools load, see each model file's `lora_format`):
 
 import fnmatch
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,135 @@ def remove_lora(model: nn.Module):
     for name, m in lora_layers(model).items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, m.base)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: save in the format other tools load, read any of the three families
+
+
+def save(model: nn.Module, path, fmt: str, metadata: dict | None = None):
+    """Write the model's LoRAs as safetensors (float32), atomically. fmt "kohya": `lora_unet_<name with _>` with
+    lora_down/lora_up/alpha (FLUX.1's convention, read by ComfyUI and diffusers); "comfy": `diffusion_model.<name>`
+    lora_A/lora_B with alpha / rank folded into B (Z-Image's, read by ComfyUI and diffusers)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, m in lora_layers(model).items():
+        a, b = m.lora_A.detach().float().cpu().contiguous(), m.lora_B.detach().float().cpu().contiguous()
+        if fmt == "kohya":
+            key = "lora_unet_" + name.replace(".", "_")
+            state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(m.alpha)}
+        elif fmt == "comfy":
+            state |= {
+                f"diffusion_model.{name}.lora_A.weight": a,
+                f"diffusion_model.{name}.lora_B.weight": b * (m.alpha / m.rank),
+            }
+        else:
+            raise ValueError(f"unknown LoRA format {fmt!r} (kohya or comfy)")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+UNDERSCORED = ("lora_unet_", "lora_transformer_")  # kohya / musubi, OneTrainer: module path with "." -> "_"
+DOWN = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight", ".lora_A")
+UP = (".lora_up.weight", ".lora_B.weight", ".lora_B.default.weight", ".lora.up.weight", ".lora_B")
+
+
+def read(path, names: list[str]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
+    """A LoRA file of any family -> {module path: (A (rank, in), B (out, rank))} with its alpha / rank folded into B,
+    and the file's metadata. `names` are the dotted module paths the file may use (the model's own and any alias
+    names the model file knows), needed to undo kohya's "." -> "_"."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors LoRA file: {e}") from None
+    dotted = {n.replace(".", "_"): n for n in names}
+    pairs, alphas = {}, {}
+    for key, value in state.items():
+        stem, kind = _split(key)
+        if kind is None:
+            continue  # not a LoRA tensor (e.g. a DoRA scale or a text-encoder key): ignored, reported below
+        for prefix in PREFIXES:
+            stem = stem.removeprefix(prefix)
+        for prefix in UNDERSCORED:
+            if stem.startswith(prefix):
+                stem = dotted.get(stem[len(prefix) :], stem)
+        if kind == "alpha":
+            alphas[stem] = float(value)
+        else:
+            pairs.setdefault(stem, {})[kind] = value.float()
+    out = {}
+    for stem, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: LoRA module {stem} has only {list(ab)}")
+        a, b = ab["A"], ab["B"]
+        out[stem] = (a, b * (alphas.get(stem, a.shape[0]) / a.shape[0]))
+    if not out:
+        raise ValueError(f"{path}: no LoRA weights found (expected kohya, diffusers/PEFT or ComfyUI keys)")
+    return out, metadata
+
+
+def _split(key: str) -> tuple[str, str | None]:
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "alpha"
+    for kind, suffixes in (("A", DOWN), ("B", UP)):
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                return key[: -len(suffix)], kind
+    return key, None
+
+
+def fuse(parts: list[tuple[Tensor, Tensor] | None], out_sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """LoRAs of separate projections (q, k, v, ...) as one LoRA of their concatenation (a fused qkv linear):
+    A stacked, B block-diagonal; a missing part contributes zero rows. Exact, with rank = the sum of ranks."""
+    present = [p for p in parts if p is not None]
+    a = torch.cat([p[0] for p in present])
+    b = torch.zeros(sum(out_sizes), a.shape[0])
+    row, col = 0, 0
+    for part, size in zip(parts, out_sizes):
+        if part is not None:
+            r = part[0].shape[0]
+            b[row : row + size, col : col + r] = part[1]
+            col += r
+        row += size
+    return a, b
+
+
+def split(pair: tuple[Tensor, Tensor], out_sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """A LoRA of a fused linear as LoRAs of its parts: the same A, B split by rows. Exact."""
+    a, b = pair
+    return [(a, part) for part in b.split(out_sizes)]
+
+
+def apply(model: nn.Module, pairs: dict[str, tuple[Tensor, Tensor]], scale: float = 1.0) -> list[str]:
+    """Add the given LoRAs (alpha folded, so alpha = rank) on top of the model's linear layers, each at `scale`.
+    A layer that already has a LoRA gets another one stacked on top, so several files can be combined."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in pairs if name not in modules and f"{name}.base" not in modules]
+    if unknown:
+        raise ValueError(f"LoRA modules not in this model: {unknown[:4]} ({len(unknown)} of {len(pairs)})")
+    for name, (a, b) in pairs.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        base = getattr(owner, child)
+        if (base.out_features, base.in_features) != (b.shape[0], a.shape[1]):
+            raise ValueError(
+                f"LoRA for {name} has shape {tuple(b.shape)}x{tuple(a.shape)}, the layer is "
+                f"{base.out_features}x{base.in_features}"
+            )
+        layer = LoRALinear(base, rank=a.shape[0])
+        with torch.no_grad():
+            layer.lora_A.copy_(a), layer.lora_B.copy_(b)
+        layer.scale = scale
+        layer.requires_grad_(False)
+        setattr(owner, child, layer)
+    return list(pairs)

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 import flux1
+import lora
 import solvers
 from flux1 import (
     apply_rope,
@@ -488,6 +489,42 @@ def load_transformer(folder, device="cpu", dtype=torch.bfloat16) -> ZImageTransf
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# LoRA: default trained layers, the file format written, and ComfyUI's fused names LoRAs from the wild may use
+
+LORA_TARGETS = [  # attention and SwiGLU of every block (main layers and both refiners); modulation stays frozen
+    "*.attention.to_q",
+    "*.attention.to_k",
+    "*.attention.to_v",
+    "*.attention.to_out.0",
+    "*.feed_forward.w1",
+    "*.feed_forward.w2",
+    "*.feed_forward.w3",
+]
+LORA_FORMAT = "comfy"  # diffusion_model.<official name>: ai-toolkit's convention, loaded by ComfyUI and diffusers
+
+
+def comfy_names(model: nn.Module) -> list[str]:
+    """ComfyUI's own names for Z-Image's attention: one fused `attention.qkv` and `attention.out`."""
+    blocks = [n.removesuffix(".attention") for n, _ in model.named_modules() if n.endswith(".attention")]
+    return [f"{b}.attention.{part}" for b in blocks for part in ("qkv", "out")]
+
+
+def lora_to_official(pairs: dict, params: ZImageParams) -> dict:
+    """LoRA pairs in ComfyUI's fused naming -> the official (diffusers) names: a fused qkv LoRA splits exactly into
+    three sharing A. Official names pass through."""
+    out = {}
+    for name, pair in pairs.items():
+        if name.endswith(".attention.qkv"):
+            for part, split_pair in zip(("to_q", "to_k", "to_v"), lora.split(pair, [params.dim] * 3)):
+                out[name.removesuffix("qkv") + part] = split_pair
+        elif name.endswith(".attention.out"):
+            out[name.removesuffix("out") + "to_out.0"] = pair
+        else:
+            out[name] = pair
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -554,6 +591,16 @@ class ZImagePipeline:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b)
         # Z-Image's time is 1 - sigma and its output is x0 - noise: both flipped into the shared convention here.
         return -self.transformer(x, 1 - sigma, caps).float()
+
+    def load_lora(self, path, scale: float = 1.0) -> list[str]:
+        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi or diffusers/PEFT keys) to the transformer at
+        `scale`; returns the layers it touched. Several files stack."""
+        names = [n for n, _ in self.transformer.named_modules()] + comfy_names(self.transformer)
+        pairs, _ = lora.read(path, names)
+        return lora.apply(self.transformer, lora_to_official(pairs, self.transformer.params), scale)
+
+    def training_kwargs(self) -> dict:
+        return {}
 
     # The same autoencoder as FLUX.1, so the same pixels <-> normalised latents code.
     encode, decode = flux1.Flux1Pipeline.encode, flux1.Flux1Pipeline.decode

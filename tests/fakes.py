@@ -160,85 +160,38 @@ def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# diffusers -> BFL (the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers, dimension-agnostic)
-
-_FLUX_TOP = {
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "context_embedder": "txt_in",
-    "x_embedder": "img_in",
-    "proj_out": "final_layer.linear",
-}
-_FLUX_DOUBLE = {
-    "norm1.linear": "img_mod.lin",
-    "norm1_context.linear": "txt_mod.lin",
-    "attn.norm_q": "img_attn.norm.query_norm",
-    "attn.norm_k": "img_attn.norm.key_norm",
-    "attn.norm_added_q": "txt_attn.norm.query_norm",
-    "attn.norm_added_k": "txt_attn.norm.key_norm",
-    "attn.to_out.0": "img_attn.proj",
-    "attn.to_add_out": "txt_attn.proj",
-    "ff.net.0.proj": "img_mlp.0",
-    "ff.net.2": "img_mlp.2",
-    "ff_context.net.0.proj": "txt_mlp.0",
-    "ff_context.net.2": "txt_mlp.2",
-}
-_FLUX_SINGLE = {
-    "norm.linear": "modulation.lin",
-    "attn.norm_q": "norm.query_norm",
-    "attn.norm_k": "norm.key_norm",
-    "proj_out": "linear2",
-}
+# diffusers -> BFL (the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers, dimension-agnostic;
+# checked against diffusers' own converter in test_flux1.py)
 
 
 def flux_to_bfl(sd: dict) -> dict:
+    from flux1 import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_FUSED_SINGLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+
     out = {}
     for key, value in sd.items():
         module, param = key.rsplit(".", 1)
         if param == "weight" and ("norm_q" in module or "norm_k" in module or "norm_added" in module):
-            param = "scale"
-        if module in _FLUX_TOP:
-            out[f"{_FLUX_TOP[module]}.{param}"] = value
-        elif module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
+            param = "scale"  # BFL's RMSNorm calls its weight "scale"
+        if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
             scale, shift = value.chunk(2, dim=0)
             out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-        elif m := re.match(r"transformer_blocks\.(\d+)\.(.+)", module):
-            i, rest = m.groups()
-            if rest in _FLUX_DOUBLE:
-                out[f"double_blocks.{i}.{_FLUX_DOUBLE[rest]}.{param}"] = value
-            elif rest not in {
-                "attn.to_q",
-                "attn.to_k",
-                "attn.to_v",
-                "attn.add_q_proj",
-                "attn.add_k_proj",
-                "attn.add_v_proj",
-            }:
-                raise KeyError(key)
-        elif m := re.match(r"single_transformer_blocks\.(\d+)\.(.+)", module):
-            i, rest = m.groups()
-            if rest in _FLUX_SINGLE:
-                out[f"single_blocks.{i}.{_FLUX_SINGLE[rest]}.{param}"] = value
-            elif rest not in {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"}:
-                raise KeyError(key)
+        elif module in DIFFUSERS_TOP:
+            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
+        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
+            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
+            if m[3] in renames:
+                out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
         else:
             raise KeyError(key)
     # Fused projections: BFL concatenates q, k, v (and, in single blocks, the MLP input) into one linear.
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
-    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}
-    for param in ("weight", "bias"):
-        for i in blocks:
-            b = f"transformer_blocks.{i}.attn"
-            out[f"double_blocks.{i}.img_attn.qkv.{param}"] = torch.cat([sd[f"{b}.to_{c}.{param}"] for c in "qkv"])
-            out[f"double_blocks.{i}.txt_attn.qkv.{param}"] = torch.cat([sd[f"{b}.add_{c}_proj.{param}"] for c in "qkv"])
-        for i in singles:
-            b = f"single_transformer_blocks.{i}"
-            parts = [sd[f"{b}.attn.to_{c}.{param}"] for c in "qkv"] + [sd[f"{b}.proj_mlp.{param}"]]
-            out[f"single_blocks.{i}.linear1.{param}"] = torch.cat(parts)
+    for prefix, block, groups in (
+        ("transformer_blocks", "double_blocks", DIFFUSERS_FUSED_DOUBLE),
+        ("single_transformer_blocks", "single_blocks", DIFFUSERS_FUSED_SINGLE),
+    ):
+        for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith(prefix + ".")}):
+            for target, sources in groups.items():
+                for param in ("weight", "bias"):
+                    out[f"{block}.{i}.{target}.{param}"] = torch.cat([sd[f"{prefix}.{i}.{s}.{param}"] for s in sources])
     return out
 
 
