@@ -90,6 +90,7 @@ VARIANTS = {
     ),
 }
 DEFAULT_VARIANT = "flux1-dev"
+TRAIN_VARIANT = "flux1-dev"  # `train.py flux1` trains on FLUX.1-dev (at guidance 1.0, see Variant.train_guidance)
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling, then 2x2 patches: sizes must be multiples of 16
 
 # ----------------------------------------------------------------------------------------------------------------------

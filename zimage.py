@@ -77,15 +77,17 @@ class Variant:
     size: tuple[int, int] = (1024, 1024)
     cfg_truncation: float = 1.0  # no CFG once Z-Image time (1 - sigma) exceeds this; 1.0 never truncates
     cfg_normalization: float = 0.0  # > 0: cap the guided output's norm at this multiple of the conditional one
+    distilled: bool = False  # step-distilled: LoRA training on it undoes the distillation (train.py refuses by default)
 
 
 VARIANTS = {
     # Distilled to 8 steps without CFG.
-    "zimage-turbo": Variant("Tongyi-MAI/Z-Image-Turbo", steps=8, cfg=0.0, shift=3.0),
+    "zimage-turbo": Variant("Tongyi-MAI/Z-Image-Turbo", steps=8, cfg=0.0, shift=3.0, distilled=True),
     # The undistilled foundation model: official recommendation 50 steps, guidance 4, no CFG normalisation.
     "zimage-base": Variant("Tongyi-MAI/Z-Image", steps=50, cfg=4.0, shift=6.0),
 }
 DEFAULT_VARIANT = "zimage-turbo"
+TRAIN_VARIANT = "zimage-base"  # LoRAs train on the undistilled base model; they also apply to Turbo
 PIXELS_PER_TOKEN = 16  # FLUX.1's 8x autoencoder, then 2x2 patches
 SEQ_MULTIPLE = 32  # the official model pads the image and the caption sequences to multiples of 32 with learned tokens
 

@@ -1,0 +1,258 @@
+"""train.py end to end on tiny models written in the official layout, and its data pipeline."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, write_flux1_repo, write_zimage_repo
+from PIL import Image
+from safetensors.torch import load_file
+
+import lora
+import train
+import zimage
+
+pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
+
+SIZES = [(80, 64), (64, 96), (128, 128), (96, 64), (72, 72), (64, 80)]  # (width, height): several aspect ratios
+
+
+def make_dataset(folder, n=6):
+    """Simple generated pictures: a coloured square on a gradient, a caption naming its colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+    for i, (w, h) in enumerate(SIZES[:n]):
+        name, colour = list(colours.items())[i % 3]
+        arr = np.tile(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, 1, 3))
+        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = colour
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {name} square on a gradient")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux1-dev")
+    write_flux1_repo(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def zimage_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("z-image")
+    return root, write_zimage_repo(root)
+
+
+def run(model, repo, data, out, *extra):
+    argv = [
+        model,
+        "--weights",
+        str(repo),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--resolution",
+        "64",
+        "--bucket-step",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--rank",
+        "4",
+        *map(str, extra),
+    ]
+    return train.main(argv)
+
+
+def losses(out):
+    with open(out / "log.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_bucket_size_never_upscales_and_keeps_aspect():
+    assert train.bucket_size(1024, 768, 512, 64) == (384, 576)  # about 512^2 pixels at 4:3, sides multiples of 64
+    assert train.bucket_size(1024, 1024, 512, 64) == (512, 512)
+    assert train.bucket_size(300, 200, 512, 16) == (192, 288)  # smaller than the target: no upscaling
+    assert train.bucket_size(3000, 1000, 512, 64) == (256, 832)  # 3:1 -> about 3.25:1 after rounding down
+    assert train.bucket_size(40, 30, 512, 64) is None  # smaller than one step
+    for w, h in [(640, 480), (480, 640), (1000, 1000), (1920, 1080)]:
+        bh, bw = train.bucket_size(w, h, 512, 16)
+        assert bh * bw <= 512 * 512 and bh % 16 == 0 and bw % 16 == 0 and bh <= h and bw <= w
+        assert abs(bw / bh - w / h) / (w / h) < 0.1
+
+
+def test_batches_come_from_one_bucket_and_cover_the_epoch():
+    buckets = {(32, 48): [0, 1, 2, 3, 4], (48, 32): [5, 6], (64, 64): [7]}
+    batches = train.epoch_batches(buckets, 2, seed=0, epoch=0)
+    bucket_of = {i: key for key, ids in buckets.items() for i in ids}
+    assert all(len({bucket_of[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert batches == train.epoch_batches(buckets, 2, seed=0, epoch=0)  # reproducible
+    assert batches != train.epoch_batches(buckets, 2, seed=0, epoch=1)
+
+
+def test_bad_files_are_skipped_and_counted(flux_repo, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", 3)
+    Image.new("RGB", (64, 64)).save(data / "no_caption.png")
+    (data / "broken.png").write_bytes(b"not a png at all")
+    (data / "broken.txt").write_text("broken")
+    Image.new("RGB", (8, 8)).save(data / "tiny.png")
+    (data / "tiny.txt").write_text("tiny")
+    rotated = Image.new("RGB", (96, 64), (10, 200, 10))  # stored landscape, EXIF says rotate: used as portrait
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(data / "rotated.jpg", exif=exif)
+    (data / "rotated.txt").write_text("a rotated photo")
+    assert run("flux1", flux_repo, data, tmp_path / "out", "--steps", "1") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data:"))
+    assert "'missing caption': 1" in line and "'unreadable image': 1" in line
+    assert "'image smaller than one bucket step': 1" in line and "6 captioned images, 4 training samples" in line
+    assert train.open_image(data / "rotated.jpg").size == (64, 96)
+
+
+def test_metadata_files(tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    for i in range(2):
+        (data / f"img{i}.txt").unlink()
+    rows = [
+        {"file_name": "img0.png", "text": "first"},
+        {"file_name": "img1.png", "text": ""},
+        {"file_name": "gone.png", "text": "x"},
+    ]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items, skipped = train.scan(data)
+    assert [(p.name, c) for p, c in items] == [("img0.png", "first")]
+    assert skipped == {"missing caption": 1, "missing image file": 1}
+    (data / "metadata.jsonl").unlink()
+    (data / "metadata.csv").write_text("file,caption\nimg1.png,second one\n")
+    assert [(p.name, c) for p, c in train.scan(data)[0]] == [("img1.png", "second one")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_loss_drops(flux_repo, tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run("flux1", flux_repo, data, out, "--steps", "40", "--lr", "3e-3", "--batch-size", "2", "--seed", "1") == 0
+    curve = losses(out)
+    assert len(curve) == 40
+    first, last = np.mean(curve[:8]), np.mean(curve[-8:])
+    assert last < 0.7 * first, (first, last)
+    state = load_file(out / "lora-flux1.safetensors")
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in state
+
+
+def test_resume_continues_exactly(flux_repo, tmp_path):
+    data = make_dataset(tmp_path / "data")
+    common = [
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--caption-dropout",
+        "0.3",
+        "--lora-dropout",
+        "0.1",
+        "--warmup",
+        "3",
+        "--resolution",
+        "64",
+        "48",
+    ]
+    assert run("flux1", flux_repo, data, tmp_path / "straight", "--steps", "6", *common) == 0
+    assert run("flux1", flux_repo, data, tmp_path / "resumed", "--steps", "3", *common) == 0
+    assert run("flux1", flux_repo, data, tmp_path / "resumed", "--steps", "6", "--resume", *common) == 0
+    a = load_file(tmp_path / "straight" / "lora-flux1.safetensors")
+    b = load_file(tmp_path / "resumed" / "lora-flux1.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_second_run_reuses_the_cache(flux_repo, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", 3)
+    assert run("flux1", flux_repo, data, tmp_path / "a", "--steps", "1", "--cache-dir", tmp_path / "cache") == 0
+    assert "encoded 3 latents and 4 prompts" in capsys.readouterr().out  # 3 captions and the empty one
+    assert run("flux1", flux_repo, data, tmp_path / "b", "--steps", "1", "--cache-dir", tmp_path / "cache") == 0
+    assert "encoded 0 latents and 0 prompts" in capsys.readouterr().out
+    Image.open(data / "img0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "img0.png")  # new content
+    assert run("flux1", flux_repo, data, tmp_path / "c", "--steps", "1", "--cache-dir", tmp_path / "cache") == 0
+    assert "encoded 1 latents and 0 prompts" in capsys.readouterr().out
+
+
+def test_previews_and_flex_rules(flux_repo, tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert (
+        run(
+            "flux1",
+            flux_repo,
+            data,
+            out,
+            "--steps",
+            "2",
+            "--preview-every",
+            "2",
+            "--preview",
+            "a red square",
+            "--preview-steps",
+            "2",
+            "--preview-size",
+            "32x32",
+            "--gradient-checkpointing",
+        )
+        == 0
+    )
+    assert (out / "previews" / "step000002-00.png").is_file()
+    import flux1
+
+    assert flux1.VARIANTS["flux1-dev"].train_guidance == 1.0 and flux1.VARIANTS["flex1-alpha"].train_guidance is None
+
+
+def test_zimage_trains_on_base_and_its_lora_loads_in_diffusers(zimage_repo, tmp_path, capsys):
+    root, refs = zimage_repo
+    data = make_dataset(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert run("zimage", root, data, out, "--steps", "3", "--lr", "1e-2") == 0
+    path = out / "lora-zimage.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["base_model"] == "zimage-base"
+    pipe = zimage.load(root, dtype=torch.float32)
+    pipe.load_lora(path)
+    import copy
+
+    ref_pipe = diffusers_zimage_pipeline({**refs, "transformer": copy.deepcopy(refs["transformer"])})
+    ref_pipe.load_lora_weights(path)
+    torch.manual_seed(0)
+    x, caps, sigma = torch.randn(1, 16, 4, 6), [torch.randn(11, 32)], torch.tensor([0.4])
+    with torch.no_grad():
+        ours = pipe.velocity(x, sigma, {"caps": caps})
+        theirs = -ref_pipe.transformer(list(x.unsqueeze(2).unbind(0)), 1 - sigma, caps, return_dict=False)[0][0]
+    assert rel(ours, theirs.squeeze(1)[None]) < 1e-5
+    assert len(lora.lora_layers(pipe.transformer)) == 28
+    # Turbo is distilled: refused unless asked for.
+    assert run("zimage-turbo", root, data, tmp_path / "t", "--steps", "1") == 2
+    assert "step-distilled" in capsys.readouterr().err
+    assert run("zimage-turbo", root, data, tmp_path / "t", "--steps", "1", "--allow-distilled") == 0
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys):
+    assert train.main(["flux9", "--data", str(tmp_path)]) == 2
+    assert "unknown model 'flux9'" in capsys.readouterr().err
+    assert train.main(["flux1", "--data", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert train.main(["flux1", "--data", str(tmp_path), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
