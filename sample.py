@@ -61,6 +61,14 @@ def parse_guidance(text: str | None):
         raise UsageError(f"--guidance {text!r}: expected a number or 'off'") from None
 
 
+def parse_lora(text: str) -> tuple[Path, float]:
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0  # a colon that is part of the path
+
+
 def check_image(path: str):
     from PIL import Image
 
@@ -132,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on an accelerator, fp32 on cpu")
     p.add_argument("--init-image", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -161,6 +176,10 @@ def run(args) -> int:
         raise UsageError("--num and --steps must be at least 1")
     if args.weights and not Path(args.weights).is_dir():
         raise UsageError(f"--weights {args.weights}: no such folder")
+    loras = [parse_lora(text) for text in args.lora]
+    for path, _ in loras:
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
 
     import torch
 
@@ -169,6 +188,8 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
     pipe = module.load(args.weights or variant, variant=variant, device=device, dtype=dtype)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     load_s = time.time() - t0
 
     out = Path(args.out)
@@ -199,6 +220,7 @@ def run(args) -> int:
             "init_image": args.init_image,
             "strength": args.strength if args.init_image else None,
             "dtype": dtype_name,
+            "loras": ", ".join(f"{p.name}:{s}" for p, s in loras),
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)

@@ -167,3 +167,40 @@ def test_broken_weights_folder_gets_one_line(repo, tmp_path):
     data = (broken / "flux1-dev.safetensors").read_bytes()
     (broken / "flux1-dev.safetensors").write_bytes(data[: len(data) // 2])
     one_line_error(cli("flux1", "a cat", "--weights", broken, "--device", "cpu"), "flux1-dev.safetensors")
+
+
+def test_lora_option(repo, tmp_path):
+    import torch
+
+    import flux1
+    import lora
+
+    pipe = flux1.load(repo, dtype=torch.float32)
+    lora.add_lora(pipe.transformer, flux1.LORA_TARGETS, rank=2)
+    with torch.no_grad():
+        for p in lora.lora_parameters(pipe.transformer):
+            p.normal_(0, 0.5)
+    lora.save(pipe.transformer, tmp_path / "style.safetensors", flux1.LORA_FORMAT)
+    common = [
+        "flux1",
+        "x",
+        "--weights",
+        str(repo),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        sample.main([*common, "--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 'style.safetensors'}:0.8"]) == 0
+    )
+    plain, styled = (Image.open(next((tmp_path / d).glob("*.png"))) for d in ("plain", "lora"))
+    assert not np.array_equal(np.asarray(plain), np.asarray(styled))
+    assert styled.text["loras"] == "style.safetensors:0.8"
+    one_line_error(cli(*common, "--lora", tmp_path / "missing.safetensors"), "--lora", "no such file")
