@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
     )
+    p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -188,7 +189,11 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
     pipe = module.load(args.weights or variant, variant=variant, device=device, dtype=dtype)
-    for path, scale in loras:
+    if args.int8:
+        import int8
+
+        int8.quantize(pipe.transformer)
+    for path, scale in loras:  # after quantising: a LoRA stays float on top of the INT8 base
         pipe.load_lora(path, scale)
     load_s = time.time() - t0
 
@@ -221,6 +226,7 @@ def run(args) -> int:
             "strength": args.strength if args.init_image else None,
             "dtype": dtype_name,
             "loras": ", ".join(f"{p.name}:{s}" for p, s in loras),
+            "int8": args.int8,
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)

@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=["bf16", "fp16", "fp32"], help="base model dtype (default: bf16 on an accelerator)"
     )
+    p.add_argument("--int8", action="store_true", help="INT8 base (torch._int_mm): less memory, LoRA stays fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -369,6 +370,10 @@ def train(args) -> int:
     # ---- model: LoRA (fp32) on the frozen base
     transformer = pipe.transformer
     targets = args.lora_targets or module.LORA_TARGETS
+    if args.int8:
+        import int8
+
+        int8.quantize(transformer)  # LoRA layers then wrap the INT8 linears; gradients flow through them
     torch.manual_seed(args.seed)  # the LoRA's initial A, then its dropout masks: the same seed, the same run
     names = lora.add_lora(transformer, targets, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
     params = lora.lora_parameters(transformer)

@@ -204,3 +204,31 @@ def test_lora_option(repo, tmp_path):
     assert not np.array_equal(np.asarray(plain), np.asarray(styled))
     assert styled.text["loras"] == "style.safetensors:0.8"
     one_line_error(cli(*common, "--lora", tmp_path / "missing.safetensors"), "--lora", "no such file")
+
+
+def test_int8_option(repo, tmp_path, monkeypatch):
+    import int8
+
+    quantized = []
+    original = int8.quantize
+    monkeypatch.setattr(int8, "quantize", lambda m: quantized.extend(original(m, min_features=16)) or quantized)
+    common = [
+        "flux1",
+        "x",
+        "--weights",
+        str(repo),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert sample.main([*common, "--out", str(tmp_path / "int8"), "--int8"]) == 0
+    assert "single_blocks.0.linear1" in quantized
+    plain, quant = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))).astype(float) for d in ("plain", "int8"))
+    assert 0 < np.abs(plain - quant).mean() < 20  # close to float, but not the float path
