@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
     )
     p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
+    p.add_argument(
+        "--offload",
+        choices=["model", "blocks"],
+        help="for GPUs smaller than the model: 'model' moves each part to the device only while it runs; 'blocks' "
+        "also streams the transformer's blocks from host memory one at a time",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -188,13 +194,20 @@ def run(args) -> int:
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
-    pipe = module.load(args.weights or variant, variant=variant, device=device, dtype=dtype)
+    # With offloading everything loads to host memory first; offload.py moves it to the device piece by piece.
+    pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
     if args.int8:
         import int8
 
         int8.quantize(pipe.transformer)
     for path, scale in loras:  # after quantising: a LoRA stays float on top of the INT8 base
         pipe.load_lora(path, scale)
+    if args.offload:
+        import offload
+
+        if args.offload == "blocks":
+            offload.enable_block_streaming(pipe.transformer, device)
+        offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
 
     out = Path(args.out)
@@ -227,6 +240,7 @@ def run(args) -> int:
             "dtype": dtype_name,
             "loras": ", ".join(f"{p.name}:{s}" for p, s in loras),
             "int8": args.int8,
+            "offload": args.offload,
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)

@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["bf16", "fp16", "fp32"], help="base model dtype (default: bf16 on an accelerator)"
     )
     p.add_argument("--int8", action="store_true", help="INT8 base (torch._int_mm): less memory, LoRA stays fp32")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="for GPUs smaller than the model: stream the frozen transformer blocks from host memory (forward and "
+        "backward); text encoders and VAE visit the device only while they run",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -317,7 +323,11 @@ def train(args) -> int:
     device = sample.pick_device(args.device)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    pipe = module.load(args.weights or variant, variant=variant, device=device, dtype=dtype)
+    pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
+    if args.offload:
+        import offload
+
+        offload.enable_model_offload(pipe, device)  # for the caching pass: one component on the device at a time
     model_id = (
         f"{args.model}:{variant}:{Path(args.weights).resolve() if args.weights else variant_info.repo}:{dtype_name}"
     )
@@ -360,6 +370,8 @@ def train(args) -> int:
     )
 
     # The text encoders and the VAE encoder are no longer needed: free them (the decoder stays for previews).
+    if args.offload:
+        offload.disable_model_offload(pipe)
     for name, value in list(vars(pipe).items()):
         if isinstance(value, torch.nn.Module) and value is not pipe.transformer and value is not pipe.ae:
             setattr(pipe, name, None)
@@ -379,7 +391,10 @@ def train(args) -> int:
     params = lora.lora_parameters(transformer)
     for p in params:
         p.data = p.data.to(device)
-    if args.gradient_checkpointing:
+    if args.offload:  # after adding the LoRA (which stays resident) and before the optimizer sees the parameters
+        offload.enable_block_streaming(transformer, device)  # checkpoints every block itself
+        offload.enable_model_offload(pipe, device)  # the VAE decoder, for previews
+    elif args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

@@ -232,3 +232,26 @@ def test_int8_option(repo, tmp_path, monkeypatch):
     assert "single_blocks.0.linear1" in quantized
     plain, quant = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))).astype(float) for d in ("plain", "int8"))
     assert 0 < np.abs(plain - quant).mean() < 20  # close to float, but not the float path
+
+
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_offload_option_gives_the_same_image(repo, tmp_path, mode):
+    common = [
+        "flux1",
+        "x",
+        "--weights",
+        str(repo),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert sample.main([*common, "--out", str(tmp_path / "offload"), "--offload", mode]) == 0
+    plain, offloaded = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("plain", "offload"))
+    assert np.abs(plain.astype(int) - offloaded.astype(int)).max() <= 1  # bit-exact up to rounding of the last step

@@ -270,3 +270,29 @@ def test_int8_base(flux_repo, tmp_path, monkeypatch):
     assert "double_blocks.0.img_attn.qkv" in quantized
     assert all(np.isfinite(losses(tmp_path / "out")))
     assert load_file(tmp_path / "out" / "lora-flux1.safetensors")  # the LoRA itself stays float32
+
+
+def test_offload_trains_the_same_lora(flux_repo, tmp_path):
+    data = make_dataset(tmp_path / "data", 3)
+    common = [
+        "--steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--preview-every",
+        "3",
+        "--preview",
+        "a red square",
+        "--preview-steps",
+        "1",
+        "--preview-size",
+        "32x32",
+    ]
+    assert run("flux1", flux_repo, data, tmp_path / "plain", *common) == 0
+    assert run("flux1", flux_repo, data, tmp_path / "offload", *common, "--offload") == 0
+    a = load_file(tmp_path / "plain" / "lora-flux1.safetensors")
+    b = load_file(tmp_path / "offload" / "lora-flux1.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert (tmp_path / "offload" / "previews" / "step000003-00.png").is_file()
