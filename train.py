@@ -25,11 +25,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from sample import UsageError  # bad input: one line, no traceback
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -130,6 +130,25 @@ def test_outputs_are_never_overwritten(repo, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-3.png", "00001-3.png"]
 
 
+def tiny_run(repo, seed: int) -> list[str]:
+    """Arguments of a fast sample.py run on the tiny repo."""
+    return [
+        "flux1",
+        "x",
+        "--weights",
+        str(repo),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+
+
 def one_line_error(r, *needles):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -181,21 +200,7 @@ def test_lora_option(repo, tmp_path):
         for p in lora.lora_parameters(pipe.transformer):
             p.normal_(0, 0.5)
     lora.save(pipe.transformer, tmp_path / "style.safetensors", flux1.LORA_FORMAT)
-    common = [
-        "flux1",
-        "x",
-        "--weights",
-        str(repo),
-        "--size",
-        "32x32",
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    common = tiny_run(repo, seed=3)
     assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
     assert (
         sample.main([*common, "--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 'style.safetensors'}:0.8"]) == 0
@@ -212,21 +217,7 @@ def test_int8_option(repo, tmp_path, monkeypatch):
     quantized = []
     original = int8.quantize
     monkeypatch.setattr(int8, "quantize", lambda m: quantized.extend(original(m, min_features=16)) or quantized)
-    common = [
-        "flux1",
-        "x",
-        "--weights",
-        str(repo),
-        "--size",
-        "32x32",
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    common = tiny_run(repo, seed=3)
     assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
     assert sample.main([*common, "--out", str(tmp_path / "int8"), "--int8"]) == 0
     assert "single_blocks.0.linear1" in quantized
@@ -236,21 +227,7 @@ def test_int8_option(repo, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["model", "blocks"])
 def test_offload_option_gives_the_same_image(repo, tmp_path, mode):
-    common = [
-        "flux1",
-        "x",
-        "--weights",
-        str(repo),
-        "--size",
-        "32x32",
-        "--steps",
-        "2",
-        "--seed",
-        "4",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    common = tiny_run(repo, seed=4)
     assert sample.main([*common, "--out", str(tmp_path / "plain")]) == 0
     assert sample.main([*common, "--out", str(tmp_path / "offload"), "--offload", mode]) == 0
     plain, offloaded = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("plain", "offload"))
