@@ -300,7 +300,10 @@ def train(args) -> int:
         resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
         if not resume_path.is_file():
             raise UsageError(f"--resume: no checkpoint at {resume_path}")
-        resume = torch.load(resume_path, map_location="cpu", weights_only=False)
+        try:
+            resume = torch.load(resume_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or not a checkpoint: say so in one line
+            raise UsageError(f"--resume: cannot read {resume_path} ({type(e).__name__}: {e})") from None
 
     # ---- data: scan, bucket
     items, skipped = scan(data)
@@ -407,7 +410,12 @@ def train(args) -> int:
     step, epoch, position = 0, 0, 0
     if resume is not None:
         saved = resume["lora"]
-        for name, layer in lora.lora_layers(transformer).items():
+        layers = lora.lora_layers(transformer)
+        if set(saved) != {f"{n}.lora_{k}" for n in layers for k in "AB"} or any(
+            saved[f"{n}.lora_A"].shape != m.lora_A.shape for n, m in layers.items()
+        ):
+            raise UsageError("--resume: the checkpoint was made with other LoRA settings (--rank / --lora-targets)")
+        for name, layer in layers.items():
             layer.lora_A.data.copy_(saved[f"{name}.lora_A"]), layer.lora_B.data.copy_(saved[f"{name}.lora_B"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])

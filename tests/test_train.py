@@ -173,6 +173,7 @@ def test_resume_continues_exactly(flux_repo, tmp_path):
     ]
     assert run("flux1", flux_repo, data, tmp_path / "straight", "--steps", "6", *common) == 0
     assert run("flux1", flux_repo, data, tmp_path / "resumed", "--steps", "3", *common) == 0
+    assert run("flux1", flux_repo, data, tmp_path / "resumed", "--steps", "6", "--resume", *common, "--rank", "8") == 2
     assert run("flux1", flux_repo, data, tmp_path / "resumed", "--steps", "6", "--resume", *common) == 0
     a = load_file(tmp_path / "straight" / "lora-flux1.safetensors")
     b = load_file(tmp_path / "resumed" / "lora-flux1.safetensors")
@@ -256,6 +257,9 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert train.main(["flux1", "--data", str(tmp_path), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    assert train.main(["flux1", "--data", str(tmp_path), "--resume", str(tmp_path / "broken.pt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_int8_base(flux_repo, tmp_path, monkeypatch):
