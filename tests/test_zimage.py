@@ -208,3 +208,21 @@ def test_sample_cli(repo, tmp_path, capsys):
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     assert sample.main(["zimage", "a fox", "--guidance", "2", "--out", str(tmp_path / "c"), *common]) == 2
     assert "no distilled guidance" in capsys.readouterr().err
+
+
+def test_broken_repo_gets_one_line_errors(repo, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "repo"
+    shutil.copytree(repo[0], broken)
+    shutil.rmtree(broken / "text_encoder")
+    common = ["--weights", str(broken), "--size", "32x32", "--steps", "1", "--device", "cpu", "--quiet"]
+    assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "text_encoder" in err
+    shutil.copytree(repo[0] / "text_encoder", broken / "text_encoder")
+    (broken / "tokenizer" / "tokenizer.json").unlink()
+    assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common]) == 2
+    assert "missing tokenizer file" in capsys.readouterr().err
+    assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common, "--size", "40x40"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
