@@ -195,6 +195,24 @@ def flux_to_bfl(sd: dict) -> dict:
     return out
 
 
+def diffusers_flux_velocity(ref, x, sigma, cond: dict, guidance=None):
+    """diffusers' FluxTransformer2DModel on our latent layout (B, 16, H, W) and conditioning dict; returns its output
+    in diffusers' packed layout, which is flux1.patchify of ours."""
+    import flux1
+
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])
+    return ref(
+        hidden_states=flux1.patchify(x),
+        encoder_hidden_states=cond["txt"],
+        pooled_projections=cond["vec"],
+        timestep=sigma,
+        img_ids=flux1.image_ids(x.shape[2] // 2, x.shape[3] // 2, "cpu"),
+        txt_ids=torch.zeros(cond["txt"].shape[1], 3),
+        guidance=guidance,
+        return_dict=False,
+    )[0]
+
+
 def tiny_flux_transformer(seed: int = 0, **overrides):
     from diffusers import FluxTransformer2DModel
 

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_flux_pipeline, flux_to_bfl, rel, tiny_ae, write_flux1_repo
+from fakes import (
+    TOKENIZERS,
+    diffusers_flux_pipeline,
+    diffusers_flux_velocity,
+    flux_to_bfl,
+    rel,
+    tiny_ae,
+    write_flux1_repo,
+)
 from safetensors.torch import load_file, save_file
 
 import flux1
@@ -103,15 +111,7 @@ def test_flex_prefixed_single_file_with_diffusers_vae(tmp_path):
     x, cond = torch.randn(1, 16, 4, 6), {"txt": torch.randn(1, 5, 48), "vec": torch.randn(1, 24)}
     with torch.no_grad():
         ours = pipe.velocity(x, 0.7, cond, guidance=None)
-        ref = no_guidance(
-            hidden_states=pack(x),
-            encoder_hidden_states=cond["txt"],
-            pooled_projections=cond["vec"],
-            timestep=torch.tensor([0.7]),
-            img_ids=flux1.image_ids(2, 3, "cpu"),
-            txt_ids=torch.zeros(5, 3),
-            return_dict=False,
-        )[0]
+        ref = diffusers_flux_velocity(no_guidance, x, 0.7, cond)
         with_guidance = pipe.velocity(x, 0.7, cond, guidance=4.0)
     assert rel(pack(ours), ref) < 1e-5
     assert rel(with_guidance, ours) > 1e-3
@@ -153,16 +153,7 @@ def test_velocity_matches_diffusers(pipe, repo):
     sigma, guidance = torch.tensor([0.25, 0.9]), torch.tensor([3.5, 1.0])
     with torch.no_grad():
         ours = pipe.velocity(x, sigma, cond, guidance=guidance)
-        theirs = ref(
-            hidden_states=pack(x),
-            encoder_hidden_states=cond["txt"],
-            pooled_projections=cond["vec"],
-            timestep=sigma,
-            img_ids=flux1.image_ids(2, 3, "cpu"),
-            txt_ids=torch.zeros(7, 3),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        theirs = diffusers_flux_velocity(ref, x, sigma, cond, guidance)
     assert theirs.abs().mean() > 1e-2  # non-trivial output
     assert rel(pack(ours), theirs) < 1e-5
 

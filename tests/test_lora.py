@@ -6,6 +6,7 @@ import torch
 from fakes import (
     TOKENIZERS,
     diffusers_flux_pipeline,
+    diffusers_flux_velocity,
     diffusers_zimage_pipeline,
     rel,
     write_flux1_repo,
@@ -82,16 +83,7 @@ def flux_velocity_both(pipe, ref_transformer):
     sigma, guidance = torch.tensor([0.3, 0.8]), torch.tensor([3.5, 2.0])
     with torch.no_grad():
         ours = pipe.velocity(x, sigma, cond, guidance)
-        theirs = ref_transformer(
-            hidden_states=flux1.patchify(x),
-            encoder_hidden_states=cond["txt"],
-            pooled_projections=cond["vec"],
-            timestep=sigma,
-            img_ids=flux1.image_ids(2, 3, "cpu"),
-            txt_ids=torch.zeros(7, 3),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        theirs = diffusers_flux_velocity(ref_transformer, x, sigma, cond, guidance)
     return flux1.patchify(ours), theirs
 
 
