@@ -1158,7 +1158,8 @@ def download(repo: str, patterns: list[str], gated: bool) -> Path:
             else ""
         )
         raise FileNotFoundError(
-            f"could not download {repo} ({type(e).__name__}).{hint} Or pass a local copy laid out like the repo."
+            f"could not download {repo} ({type(e).__name__}).{hint} Or use a local copy laid out like the repo "
+            "(sample.py/train.py --weights DIR)."
         ) from None
 
 
