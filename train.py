@@ -325,10 +325,26 @@ def train(args) -> int:
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
-    if args.offload:
+    # ---- model: LoRA (fp32) on the frozen base. Set up before the caching pass, so that with --offload the
+    # transformer is packed once, for block streaming, and model offload moves only the encoders and the VAE.
+    transformer = pipe.transformer
+    targets = args.lora_targets or module.LORA_TARGETS
+    if args.int8:
+        import int8
+
+        int8.quantize(transformer)  # LoRA layers then wrap the INT8 linears; gradients flow through them
+    torch.manual_seed(args.seed)  # the LoRA's initial A, then its dropout masks: the same seed, the same run
+    names = lora.add_lora(transformer, targets, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
+    params = lora.lora_parameters(transformer)
+    for p in params:
+        p.data = p.data.to(device)
+    if args.offload:  # after adding the LoRA (which stays resident) and before the optimizer sees the parameters
         import offload
 
-        offload.enable_model_offload(pipe, device)  # for the caching pass: one component on the device at a time
+        offload.enable_block_streaming(transformer, device)  # checkpoints every block itself
+        offload.enable_model_offload(pipe, device)  # text encoders and VAE: one on the device at a time
+    elif args.gradient_checkpointing:
+        enable_gradient_checkpointing(transformer)
     model_id = (
         f"{args.model}:{variant}:{Path(args.weights).resolve() if args.weights else variant_info.repo}:{dtype_name}"
     )
@@ -372,31 +388,16 @@ def train(args) -> int:
 
     # The text encoders and the VAE encoder are no longer needed: free them (the decoder stays for previews).
     if args.offload:
-        offload.disable_model_offload(pipe)
+        offload.disable_model_offload(pipe)  # it holds the encoders' host buffers
     for name, value in list(vars(pipe).items()):
         if isinstance(value, torch.nn.Module) and value is not pipe.transformer and value is not pipe.ae:
             setattr(pipe, name, None)
     pipe.ae.encoder = None
     conds = {caption: load_tensors(file) for caption, file in prompts.items()}
     pipe.encode_prompt = lambda batch: collate([conds[p] for p in batch])  # previews read the cache too
+    if args.offload:
+        offload.enable_model_offload(pipe, device)  # now only the VAE decoder, for previews
 
-    # ---- model: LoRA (fp32) on the frozen base
-    transformer = pipe.transformer
-    targets = args.lora_targets or module.LORA_TARGETS
-    if args.int8:
-        import int8
-
-        int8.quantize(transformer)  # LoRA layers then wrap the INT8 linears; gradients flow through them
-    torch.manual_seed(args.seed)  # the LoRA's initial A, then its dropout masks: the same seed, the same run
-    names = lora.add_lora(transformer, targets, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
-    params = lora.lora_parameters(transformer)
-    for p in params:
-        p.data = p.data.to(device)
-    if args.offload:  # after adding the LoRA (which stays resident) and before the optimizer sees the parameters
-        offload.enable_block_streaming(transformer, device)  # checkpoints every block itself
-        offload.enable_model_offload(pipe, device)  # the VAE decoder, for previews
-    elif args.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda step: min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0  # noqa: E731
