@@ -3,6 +3,8 @@
     python sample.py flux1 "a photo of a cat"
     python sample.py flex1-alpha "a watercolor fox" --size 768x1024 --steps 25 --num 4 --out outputs/
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
+    python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
+    python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
