@@ -5,7 +5,7 @@ at zero so training starts from the base model. `LoRALinear` wraps the base modu
 instead of touching its weight, so it works on bf16, INT8 and meta-loaded bases alike; LoRA weights are kept in
 float32 whatever the base dtype.
 
-File formats (what other tools load, see each model file's `lora_format`):
+File formats (what other tools load; each model file's LORA_FORMAT says which it writes):
 - kohya / sd-scripts: `lora_unet_<module path with _>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`
 - diffusers / PEFT: `transformer.<module path>.lora_A.weight`, `.lora_B.weight` (alpha folded or in metadata)
 - ComfyUI "original": `diffusion_model.<module path>.lora_A.weight`, `.lora_B.weight` (optional `.alpha`)
