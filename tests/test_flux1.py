@@ -22,20 +22,13 @@ PROMPTS = ["a photo of a cat", "Ein Fuchs im Schnee, watercolor, 4k!"]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1-dev")
-    refs = write_flux1_repo(root)
-    return root, refs
+def pipe(flux1_repo):
+    return flux1.load(flux1_repo[0], device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def pipe(repo):
-    return flux1.load(repo[0], device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def ref_pipe(repo):
-    return diffusers_flux_pipeline(repo[1])
+def ref_pipe(flux1_repo):
+    return diffusers_flux_pipeline(flux1_repo[1])
 
 
 def pack(x):  # diffusers' packed latent layout is our patchify
@@ -82,8 +75,8 @@ def test_ae_inverse_round_trips_through_diffusers_converter():
 # Loading
 
 
-def test_load_reads_official_layout_exactly(repo, pipe):
-    root, _ = repo
+def test_load_reads_official_layout_exactly(flux1_repo, pipe):
+    root, _ = flux1_repo
     assert (root / "text_encoder" / "model.safetensors.index.json").is_file()  # sharded, as the real repo
     assert (root / "text_encoder_2" / "model.safetensors.index.json").is_file()
     assert pipe.variant == "flux1-dev"
@@ -119,7 +112,7 @@ def test_flex_prefixed_single_file_with_diffusers_vae(tmp_path):
     assert pipe.ae.params.ch_mult == (1, 1, 2, 2)
 
 
-def test_load_errors_are_clear(tmp_path, repo):
+def test_load_errors_are_clear(tmp_path, flux1_repo):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         flux1.load(tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown FLUX.1 variant"):
@@ -128,11 +121,11 @@ def test_load_errors_are_clear(tmp_path, repo):
         flux1.load(tmp_path)
     # A truncated download.
     broken = tmp_path / "broken.safetensors"
-    broken.write_bytes((repo[0] / "flux1-dev.safetensors").read_bytes()[:1000])
+    broken.write_bytes((flux1_repo[0] / "flux1-dev.safetensors").read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         flux1.load_transformer(broken)
     # A key the model does not have (or a missing one) is named.
-    sd = load_file(repo[0] / "flux1-dev.safetensors")
+    sd = load_file(flux1_repo[0] / "flux1-dev.safetensors")
     sd["double_blocks.0.extra.weight"] = torch.zeros(1)
     del sd["img_in.bias"]
     save_file(sd, tmp_path / "extra.safetensors")
@@ -145,8 +138,8 @@ def test_load_errors_are_clear(tmp_path, repo):
 # Parity with diffusers / transformers
 
 
-def test_velocity_matches_diffusers(pipe, repo):
-    ref = repo[1]["transformer"]
+def test_velocity_matches_diffusers(pipe, flux1_repo):
+    ref = flux1_repo[1]["transformer"]
     torch.manual_seed(1)
     x = torch.randn(2, 16, 4, 6)  # batch 2, non-square (32x48 pixels)
     cond = {"txt": torch.randn(2, 7, 48), "vec": torch.randn(2, 24)}
@@ -158,8 +151,8 @@ def test_velocity_matches_diffusers(pipe, repo):
     assert rel(pack(ours), theirs) < 1e-5
 
 
-def test_autoencoder_matches_diffusers(pipe, repo):
-    ref = repo[1]["ae"]
+def test_autoencoder_matches_diffusers(pipe, flux1_repo):
+    ref = flux1_repo[1]["ae"]
     torch.manual_seed(2)
     pixels = torch.rand(2, 3, 32, 48) * 2 - 1
     with torch.no_grad():

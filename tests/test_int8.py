@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TOKENIZERS, rel, write_flux1_repo, write_zimage_repo
+from fakes import TOKENIZERS, rel
 from safetensors.torch import save_file
 from torch import nn
 
@@ -219,17 +219,13 @@ MIN_FEATURES = 16  # the tiny models are 64 wide: below int8.MIN_FEATURES, which
 
 
 @pytest.fixture(scope="module")
-def flux_pipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1-int8")
-    write_flux1_repo(root)
-    return flux1.load(root, dtype=torch.float32)
+def flux_pipe(flux1_repo):
+    return flux1.load(flux1_repo[0], dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def zimage_pipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zimage-int8")
-    write_zimage_repo(root)
-    return zimage.load(root, dtype=torch.float32)
+def zimage_pipe(zimage_repo):
+    return zimage.load(zimage_repo[0], dtype=torch.float32)
 
 
 def flux_inputs(seed: int = 0):

@@ -9,8 +9,6 @@ from fakes import (
     diffusers_flux_velocity,
     diffusers_zimage_pipeline,
     rel,
-    write_flux1_repo,
-    write_zimage_repo,
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -70,13 +68,6 @@ def test_add_lora_targets_and_freezes():
 # FLUX.1
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1-dev")
-    refs = write_flux1_repo(root)
-    return root, refs
-
-
 def flux_velocity_both(pipe, ref_transformer):
     torch.manual_seed(5)
     x, cond = torch.randn(2, 16, 4, 6), {"txt": torch.randn(2, 7, 48), "vec": torch.randn(2, 24)}
@@ -109,8 +100,8 @@ def train_a_little(model, targets, rank, alpha, seed):
     return names
 
 
-def test_flux_trained_lora_loads_in_diffusers(flux, tmp_path):
-    root, refs = flux
+def test_flux_trained_lora_loads_in_diffusers(flux1_repo, tmp_path):
+    root, refs = flux1_repo
     pipe = flux1.load(root, dtype=torch.float32)
     # diffusers' kohya reader hard-codes FLUX.1's widths for the single blocks' fused linear1 (3072 x 3 + 12288), so
     # at this tiny width linear1 is left out here; the slow test below covers it at full width.
@@ -181,10 +172,10 @@ def _fresh_flux_ref(refs):
 
 
 @pytest.mark.parametrize("family", ["kohya", "peft", "comfy", "onetrainer"])
-def test_flux_loras_from_the_wild(flux, tmp_path, family):
+def test_flux_loras_from_the_wild(flux1_repo, tmp_path, family):
     """A LoRA written by another tool loads into our model and gives what diffusers gives with the same LoRA
     (diffusers ignores ComfyUI-style FLUX.1 files, so those are compared with the same weights as PEFT)."""
-    root, refs = flux
+    root, refs = flux1_repo
     ref = _fresh_flux_ref(refs)
     # The same LoRA in diffusers' names (PEFT): separate q/k/v, MLP, output and modulation layers.
     diffusers_targets = [
@@ -235,8 +226,8 @@ def test_flux_loras_from_the_wild(flux, tmp_path, family):
     assert rel(theirs, flux_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
 
 
-def test_lora_scale_and_stacking(flux, tmp_path):
-    root, refs = flux
+def test_lora_scale_and_stacking(flux1_repo, tmp_path):
+    root, refs = flux1_repo
 
     def velocity(pipe):
         return flux_velocity_both(pipe, refs["transformer"])[0]
@@ -268,12 +259,6 @@ def test_lora_scale_and_stacking(flux, tmp_path):
 # Z-Image
 
 
-@pytest.fixture(scope="module")
-def zrepo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("z-image")
-    return root, write_zimage_repo(root)
-
-
 def zimage_velocity_both(pipe, ref_transformer):
     torch.manual_seed(6)
     x, caps, sigma = torch.randn(2, 16, 6, 10), [torch.randn(9, 32), torch.randn(37, 32)], torch.tensor([0.2, 0.7])
@@ -283,14 +268,14 @@ def zimage_velocity_both(pipe, ref_transformer):
     return ours, -torch.stack(theirs).squeeze(2)
 
 
-def _fresh_zimage(zrepo):
+def _fresh_zimage(zimage_repo):
     import copy
 
-    return {**zrepo[1], "transformer": copy.deepcopy(zrepo[1]["transformer"])}
+    return {**zimage_repo[1], "transformer": copy.deepcopy(zimage_repo[1]["transformer"])}
 
 
-def test_zimage_trained_lora_loads_in_diffusers(zrepo, tmp_path):
-    root, refs = zrepo
+def test_zimage_trained_lora_loads_in_diffusers(zimage_repo, tmp_path):
+    root, refs = zimage_repo
     pipe = zimage.load(root, dtype=torch.float32)
     names = train_a_little(pipe.transformer, zimage.LORA_TARGETS, rank=4, alpha=8.0, seed=2)
     assert len(names) == 7 * (2 + 1 + 1)  # 2 main layers + 1 noise refiner + 1 context refiner
@@ -298,7 +283,7 @@ def test_zimage_trained_lora_loads_in_diffusers(zrepo, tmp_path):
     lora.save(pipe.transformer, path, zimage.LORA_FORMAT, {"base_model": "zimage-base"})
     with safe_open(path, "pt") as f:
         assert "diffusion_model.layers.0.attention.to_out.0.lora_A.weight" in f.keys()
-    ref_pipe = diffusers_zimage_pipeline(_fresh_zimage(zrepo))
+    ref_pipe = diffusers_zimage_pipeline(_fresh_zimage(zimage_repo))
     ref_pipe.load_lora_weights(path)
     ours, theirs = zimage_velocity_both(pipe, ref_pipe.transformer)
     assert rel(ours, theirs) < 1e-5
@@ -306,8 +291,8 @@ def test_zimage_trained_lora_loads_in_diffusers(zrepo, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["kohya", "peft", "comfy_fused"])
-def test_zimage_loras_from_the_wild(zrepo, tmp_path, family):
-    root, refs = zrepo
+def test_zimage_loras_from_the_wild(zimage_repo, tmp_path, family):
+    root, refs = zimage_repo
     targets = [
         "layers.0.attention.to_q",
         "layers.0.attention.to_k",
@@ -320,7 +305,7 @@ def test_zimage_loras_from_the_wild(zrepo, tmp_path, family):
     pairs = random_lora_weights(refs["transformer"], targets)
     peft = {f"transformer.{n}.lora_{k}.weight": t for n, (a, b) in pairs.items() for k, t in (("A", a), ("B", b))}
     save_file(peft, tmp_path / "peft.safetensors")
-    ref_pipe = diffusers_zimage_pipeline(_fresh_zimage(zrepo))
+    ref_pipe = diffusers_zimage_pipeline(_fresh_zimage(zimage_repo))
     ref_pipe.load_lora_weights(tmp_path / "peft.safetensors")
     if family == "peft":
         path = tmp_path / "peft.safetensors"
@@ -334,7 +319,7 @@ def test_zimage_loras_from_the_wild(zrepo, tmp_path, family):
                 f"{key}.alpha": torch.tensor(2.0),
             }
         save_file(state, path := tmp_path / "kohya.safetensors")
-        kohya_ref = diffusers_zimage_pipeline(_fresh_zimage(zrepo))
+        kohya_ref = diffusers_zimage_pipeline(_fresh_zimage(zimage_repo))
         kohya_ref.load_lora_weights(path)  # diffusers converts musubi files too: the same result
         pipe0 = zimage.load(root, dtype=torch.float32)
         assert (

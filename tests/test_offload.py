@@ -17,7 +17,7 @@ benchmarks/bench_offload.py measures those on a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TOKENIZERS, rel, write_flux1_repo, write_zimage_repo
+from fakes import TOKENIZERS, rel
 from torch import nn
 
 import flux1
@@ -46,27 +46,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def flux_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1")
-    write_flux1_repo(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def zimage_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zimage")
-    write_zimage_repo(root)
-    return root
-
-
 # Z-Image's tiny config has 1-block refiners: min_blocks=1 streams them too, as the real model's 2-block ones are.
-MODELS = {"flux1": (flux1, "flux_repo", {}), "zimage": (zimage, "zimage_repo", {"min_blocks": 1})}
+MODELS = {"flux1": (flux1, "flux1_repo", {}), "zimage": (zimage, "zimage_repo", {"min_blocks": 1})}
 
 
 def load(request, name):
     module, repo, stream_kw = MODELS[name]
-    return module.load(request.getfixturevalue(repo), dtype=torch.float32), stream_kw
+    return module.load(request.getfixturevalue(repo)[0], dtype=torch.float32), stream_kw
 
 
 def host_ranges(packs) -> list[tuple[int, int]]:

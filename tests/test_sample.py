@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import TOKENIZERS, write_flux1_repo
+from fakes import TOKENIZERS
 from PIL import Image
 
 import sample
@@ -16,11 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1-dev")
-    write_flux1_repo(root)
-    return root
+@pytest.fixture
+def repo(flux1_repo):
+    return flux1_repo[0]
 
 
 def cli(*args):
@@ -109,23 +107,7 @@ def test_same_seed_same_image_and_more_options(repo, tmp_path):
 
 
 def test_outputs_are_never_overwritten(repo, tmp_path):
-    common = [
-        "flux1",
-        "x",
-        "--weights",
-        str(repo),
-        "--size",
-        "32x32",
-        "--steps",
-        "1",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        str(tmp_path),
-    ]
+    common = [*tiny_run(repo, seed=3), "--out", str(tmp_path)]
     assert sample.main(common) == 0 and sample.main(common) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-3.png", "00001-3.png"]
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, write_flux1_repo, write_zimage_repo
+from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,17 +32,9 @@ def make_dataset(folder, n=6):
     return folder
 
 
-@pytest.fixture(scope="module")
-def flux_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux1-dev")
-    write_flux1_repo(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def zimage_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("z-image")
-    return root, write_zimage_repo(root)
+@pytest.fixture
+def flux_repo(flux1_repo):
+    return flux1_repo[0]
 
 
 def run(model, repo, data, out, *extra):

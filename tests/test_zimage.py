@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, tiny_zimage_transformer, write_zimage_repo
+from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, tiny_zimage_transformer
 
 import sample
 import zimage
@@ -14,19 +14,13 @@ PROMPTS = ["a photo of a cat", "一只在雪地里的狐狸, watercolor, highly 
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("z-image")
-    return root, write_zimage_repo(root, shift=3.0)
+def pipe(zimage_repo):
+    return zimage.load(zimage_repo[0], device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def pipe(repo):
-    return zimage.load(repo[0], device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def ref_pipe(repo):
-    return diffusers_zimage_pipeline(repo[1], shift=3.0)
+def ref_pipe(zimage_repo):
+    return diffusers_zimage_pipeline(zimage_repo[1], shift=3.0)
 
 
 def diffusers_transformer(ref, x, t, caps):
@@ -34,8 +28,8 @@ def diffusers_transformer(ref, x, t, caps):
     return torch.stack(out).squeeze(2)
 
 
-def test_load_reads_official_layout(repo, pipe):
-    root, refs = repo
+def test_load_reads_official_layout(zimage_repo, pipe):
+    root, refs = zimage_repo
     assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()  # sharded
     assert (root / "text_encoder" / "model.safetensors.index.json").is_file()
     p = pipe.transformer.params
@@ -48,8 +42,8 @@ def test_load_reads_official_layout(repo, pipe):
 
 
 @pytest.mark.parametrize("latent_size", [(6, 10), (8, 8)])  # 15 image tokens (not a multiple of 32), and 16
-def test_velocity_matches_diffusers(pipe, repo, latent_size):
-    ref = repo[1]["transformer"]
+def test_velocity_matches_diffusers(pipe, zimage_repo, latent_size):
+    ref = zimage_repo[1]["transformer"]
     torch.manual_seed(0)
     x = torch.randn(2, 16, *latent_size)
     caps = [torch.randn(7, 32), torch.randn(40, 32)]  # two prompts of different lengths
@@ -149,11 +143,11 @@ def test_batch_of_prompts_equals_one_at_a_time(pipe):
 
 
 @pytest.fixture(scope="module")
-def smooth_pipe(repo):
+def smooth_pipe(zimage_repo):
     """A random model's velocity oscillates in time as fast as the highest timestep-embedding frequency (a period
     of ~0.006 in sigma) and is nearly chaotic; a trained one is smooth. Damped weights and no high time frequencies
     make the tiny model's ODE smooth enough for step counts a test can afford."""
-    pipe = zimage.load(repo[0], device="cpu", dtype=torch.float32)
+    pipe = zimage.load(zimage_repo[0], device="cpu", dtype=torch.float32)
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             if "norm" not in name:
@@ -178,10 +172,10 @@ def test_bad_arguments(pipe):
         pipe.generate("x", height=32, width=32, steps=1, guidance=3.5, progress=False)
 
 
-def test_sample_cli(repo, tmp_path, capsys):
+def test_sample_cli(zimage_repo, tmp_path, capsys):
     from PIL import Image
 
-    common = ["--weights", str(repo[0]), "--size", "48x32", "--steps", "2", "--device", "cpu", "--quiet"]
+    common = ["--weights", str(zimage_repo[0]), "--size", "48x32", "--steps", "2", "--device", "cpu", "--quiet"]
     assert sample.main(["zimage", "a fox", "--seed", "2", "--out", str(tmp_path / "a"), *common]) == 0
     assert (
         sample.main(
@@ -210,17 +204,17 @@ def test_sample_cli(repo, tmp_path, capsys):
     assert "no distilled guidance" in capsys.readouterr().err
 
 
-def test_broken_repo_gets_one_line_errors(repo, tmp_path, capsys):
+def test_broken_repo_gets_one_line_errors(zimage_repo, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "repo"
-    shutil.copytree(repo[0], broken)
+    shutil.copytree(zimage_repo[0], broken)
     shutil.rmtree(broken / "text_encoder")
     common = ["--weights", str(broken), "--size", "32x32", "--steps", "1", "--device", "cpu", "--quiet"]
     assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "text_encoder" in err
-    shutil.copytree(repo[0] / "text_encoder", broken / "text_encoder")
+    shutil.copytree(zimage_repo[0] / "text_encoder", broken / "text_encoder")
     (broken / "tokenizer" / "tokenizer.json").unlink()
     assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common]) == 2
     assert "missing tokenizer file" in capsys.readouterr().err

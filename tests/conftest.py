@@ -1,0 +1,18 @@
+"""Tiny official-layout repos shared by every test file (written once per session; tests only read them)."""
+
+import pytest
+from fakes import write_flux1_repo, write_zimage_repo
+
+
+@pytest.fixture(scope="session")
+def flux1_repo(tmp_path_factory):
+    """(folder, reference diffusers/transformers modules) of a tiny FLUX.1-dev repo."""
+    root = tmp_path_factory.mktemp("flux1-dev")
+    return root, write_flux1_repo(root)
+
+
+@pytest.fixture(scope="session")
+def zimage_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny Z-Image repo."""
+    root = tmp_path_factory.mktemp("z-image")
+    return root, write_zimage_repo(root)
