@@ -160,13 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(command, args) -> int:
+    """Run a CLI command; bad input (ours, or a clear ValueError/FileNotFoundError from a model file) becomes one
+    line on stderr and exit code 2, never a traceback."""
     try:
-        return run(args)
+        return command(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    return run_cli(run, build_parser().parse_args(argv))
 
 
 def run(args) -> int:
