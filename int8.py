@@ -53,6 +53,11 @@ DEFAULT_SKIP = [
     # timestep embedder also reads its compute dtype from its first weight.
     "*adaLN_modulation*",
     "t_embedder.*",
+    # Wan2.2: the timestep embedding and projection (one row per latent frame) and the output head run in float32 in
+    # the official model, and the head is the last layer (see MIN_FEATURES).
+    "time_embedding.*",
+    "time_projection.*",
+    "head.head",
 ]
 
 # Layers narrower than this on either side are left in float: the patch embedders and output projections of the

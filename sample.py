@@ -5,19 +5,23 @@
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
     python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
     python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
+    python sample.py wan22 "a corgi surfing a wave" --frames 81 --size 1280x704 --fps 24   # video: MP4
+    python sample.py wan22 "the fox turns its head" --image fox.png                        # image to video
 
-Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
+Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made; videos carry
+them in the MP4 comment (or the WebP's EXIF when neither PyAV nor imageio-ffmpeg is installed, see video.py).
 """
 
 import argparse
 import importlib
+import inspect
 import json
 import random
 import sys
 import time
 from pathlib import Path
 
-FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = ["flux1", "zimage", "wan22"]  # model files: VARIANTS, DEFAULT_VARIANT, load(), a pipeline with generate()
 
 
 class UsageError(Exception):
@@ -71,14 +75,14 @@ def parse_lora(text: str) -> tuple[Path, float]:
         return Path(text), 1.0  # a colon that is part of the path
 
 
-def check_image(path: str):
+def check_image(path: str, option: str = "--init-image"):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {option} {path}: {e}") from None
 
 
 def pick_device(name: str | None) -> str:
@@ -101,7 +105,7 @@ def pick_device(name: str | None) -> str:
 
 
 def next_index(out: Path) -> int:
-    taken = [int(p.stem.split("-")[0]) for p in out.glob("*.png") if p.stem.split("-")[0].isdigit()]
+    taken = [int(p.stem.split("-")[0]) for p in out.glob("*.*") if p.stem.split("-")[0].isdigit()]
     return max(taken, default=-1) + 1
 
 
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on an accelerator, fp32 on cpu")
     p.add_argument("--init-image", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
+    p.add_argument("--image", action="append", default=[], help="reference image (Wan2.2: the first frame); repeatable")
+    p.add_argument("--frames", type=int, help="video models: number of frames, 4k+1 (default: the model's)")
+    p.add_argument("--fps", type=float, help="video models: frames per second of the file (default: the model's)")
     p.add_argument(
         "--lora",
         action="append",
@@ -184,6 +191,15 @@ def run(args) -> int:
     guidance = parse_guidance(args.guidance)
     if args.init_image:
         check_image(args.init_image)
+    for image in args.image:
+        check_image(image, "--image")
+    stride = getattr(module, "TEMPORAL_STRIDE", None)  # video models: frames = stride * k + 1
+    if (args.frames is not None or args.fps is not None) and stride is None:
+        raise UsageError(f"--frames and --fps are for video models; {args.model} makes images")
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % stride):
+        raise UsageError(f"--frames {args.frames}: must be {stride}k+1 (e.g. {stride * 20 + 1})")
+    if args.fps is not None and not args.fps > 0:
+        raise UsageError(f"--fps {args.fps}: must be positive")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
@@ -203,6 +219,8 @@ def run(args) -> int:
     t0 = time.time()
     # With offloading everything loads to host memory first; offload.py moves it to the device piece by piece.
     pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
+    if args.image and "images" not in inspect.signature(pipe.generate).parameters:
+        raise UsageError(f"--image: {args.model} takes no reference images")
     if args.int8:
         import int8
 
@@ -226,7 +244,12 @@ def run(args) -> int:
     # Options only some families have (Z-Image's official CFG truncation/normalisation) are passed only when given.
     extra = {
         k: v
-        for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
+        for k, v in (
+            ("cfg_truncation", args.cfg_truncation),
+            ("cfg_normalization", args.cfg_normalization),
+            ("frames", args.frames),
+            ("images", args.image or None),
+        )
         if v is not None
     }
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
@@ -251,7 +274,11 @@ def run(args) -> int:
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
-        settings.update(extra)
+        settings.update({k: v for k, v in extra.items() if k != "images"})
+        if args.image:
+            settings["images"] = ", ".join(args.image)
+        if stride is not None:
+            settings |= {"frames": args.frames or d.frames, "fps": args.fps or d.fps}
         (image,) = pipe.generate(
             prompt,
             height=height,
@@ -267,13 +294,20 @@ def run(args) -> int:
             progress=not args.quiet,
             **extra,
         )
-        settings["size"] = f"{image.width}x{image.height}"
-        path = out / f"{index:05d}-{image_seed}.png"
-        save_png(image, path, settings)
+        if stride is not None:  # a video: a list of frames
+            import video
+
+            settings["size"] = f"{image[0].width}x{image[0].height}"
+            path = video.write_video(out / f"{index:05d}-{image_seed}.mp4", image, settings["fps"], settings)
+        else:
+            settings["size"] = f"{image.width}x{image.height}"
+            path = out / f"{index:05d}-{image_seed}.png"
+            save_png(image, path, settings)
         written.append(str(path))
         index += 1
     total = time.time() - t0
-    print(f"wrote {len(written)} image(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
+    kind = "video" if stride else "image"
+    print(f"wrote {len(written)} {kind}(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
     return 0
 
 
