@@ -64,7 +64,8 @@ def write_video(path, frames, fps: float, metadata: dict | None = None, backend:
         backend = "pillow"
     elif arr.shape[1] % 2 or arr.shape[2] % 2:
         raise ValueError(f"H.264 (yuv420p) needs even frame sides, got {arr.shape[2]}x{arr.shape[1]}")
-    comment = json.dumps(metadata or {}, ensure_ascii=False)
+    # EXIF text is ASCII: the WebP gets JSON's \u escapes, the MP4 comment UTF-8.
+    comment = json.dumps(metadata or {}, ensure_ascii=backend == "pillow")
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells FFmpeg and Pillow the container
     {"pyav": _write_pyav, "imageio": _write_imageio, "pillow": _write_webp}[backend](tmp, arr, fps, comment)
     os.replace(tmp, path)
