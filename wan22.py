@@ -1110,8 +1110,8 @@ LORA_FORMAT = "comfy"  # diffusion_model.<official Wan name>: ai-toolkit's conve
 
 
 def diffusers_names(model: nn.Module) -> list[str]:
-    """The diffusers module path of each linear layer (to read PEFT, OneTrainer and diffusers-kohya LoRAs)."""
-    return [rename(n, DIT_TO_DIFFUSERS) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """The diffusers module path of each module (to read OneTrainer's and diffusers-kohya's underscored LoRA keys)."""
+    return [rename(n, DIT_TO_DIFFUSERS) for n, _ in model.named_modules() if n]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1229,6 +1229,10 @@ class WanPipeline:
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.variant = variant
         self.defaults = VARIANTS[variant]
+
+    @property
+    def ae(self) -> WanVAE:  # the other families' name for the autoencoder (train.py reads it)
+        return self.vae
 
     @property
     def device(self) -> torch.device:

@@ -415,10 +415,11 @@ def test_trained_lora_loads_in_diffusers(wan22_repo, refs, tmp_path):
     assert len(fresh.load_lora(path)) == 20 and rel(velocity_both(fresh, refs["transformer"])[0], ours) < 1e-6
 
 
-@pytest.mark.parametrize("family", ["musubi", "peft", "comfy"])
+@pytest.mark.parametrize("family", ["musubi", "peft", "comfy", "onetrainer"])
 def test_loras_from_the_wild(wan22_repo, refs, tmp_path, family):
-    """The same LoRA written as musubi-tuner (lora_unet_ + alpha), diffusers/PEFT (transformer. + diffusers names) or
-    ComfyUI (diffusion_model. + Wan names) gives our model what diffusers gives its own with the file."""
+    """The same LoRA written as musubi-tuner (lora_unet_ + alpha), diffusers/PEFT (transformer. + diffusers names),
+    ComfyUI (diffusion_model. + Wan names) or OneTrainer (lora_transformer_ + diffusers names) gives our model what
+    diffusers gives its own with the file (with the PEFT file for OneTrainer's, which diffusers does not read)."""
     from diffusers import WanPipeline
 
     parts = [f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn.0", "ffn.2"]
@@ -428,22 +429,25 @@ def test_loras_from_the_wild(wan22_repo, refs, tmp_path, family):
     layers = dict(pipe.transformer.named_modules())
     shapes = {m: (layers[m].in_features, layers[m].out_features) for m in modules}
     pairs = {m: (0.3 * torch.randn(4, i, generator=g), torch.randn(o, 4, generator=g)) for m, (i, o) in shapes.items()}
-    state = {}
+    state, peft = {}, {}
     for name, (a, b) in pairs.items():
         if family == "musubi":  # every module with an alpha: diffusers' musubi converter requires it
             key = "lora_unet_" + name.replace(".", "_")
             state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b * 2, f"{key}.alpha": torch.tensor(2.0)}
-        elif family == "peft":
-            key = "transformer." + wan22.rename(name, wan22.DIT_TO_DIFFUSERS)
-            state |= {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
-        else:
+        elif family == "onetrainer":
+            key = "lora_transformer_" + wan22.rename(name, wan22.DIT_TO_DIFFUSERS).replace(".", "_")
+            state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b * 2, f"{key}.alpha": torch.tensor(2.0)}
+        elif family == "comfy":
             state |= {f"diffusion_model.{name}.lora_A.weight": a, f"diffusion_model.{name}.lora_B.weight": b}
-    save_file(state, path := tmp_path / f"{family}.safetensors")
+        peft_key = "transformer." + wan22.rename(name, wan22.DIT_TO_DIFFUSERS)
+        peft |= {f"{peft_key}.lora_A.weight": a, f"{peft_key}.lora_B.weight": b}
+    save_file(state or peft, path := tmp_path / f"{family}.safetensors")
+    save_file(peft, tmp_path / "peft-ref.safetensors")
     assert len(pipe.load_lora(path, scale=0.7)) == len(modules)
     ref = WanPipeline(
         tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=copy.deepcopy(refs["transformer"])
     )
-    ref.load_lora_weights(path, adapter_name="x")
+    ref.load_lora_weights(tmp_path / "peft-ref.safetensors" if family == "onetrainer" else path, adapter_name="x")
     ref.set_adapters("x", 0.7)
     ours, theirs = velocity_both(pipe, ref.transformer)
     assert rel(ours, theirs) < 1e-5
