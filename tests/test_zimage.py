@@ -266,9 +266,7 @@ def test_cfg_truncation_ties_fall_as_official(pipe, monkeypatch):
     assert expected_uncond == 3  # sigma 1, .8, .6 (not .4)
     calls = count_calls(pipe, monkeypatch)
     noise = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(8))
-    pipe.generate(
-        PROMPTS[0], cfg=3.0, cfg_truncation=0.6, sigmas=sigmas, noise=noise, output="latent", progress=False
-    )
+    pipe.generate(PROMPTS[0], cfg=3.0, cfg_truncation=0.6, sigmas=sigmas, noise=noise, output="latent", progress=False)
     assert len(calls) == 5 + expected_uncond
 
 
