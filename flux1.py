@@ -1222,23 +1222,39 @@ def find_transformer_file(root: Path, v: Variant) -> Path:
     raise FileNotFoundError(f"{root}: expected the transformer file {v.transformer_file} (BFL format)")
 
 
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's `disable`: progress bars only on a terminal (None = off when not a TTY), never with progress=False."""
+    return None if progress else True
+
+
+def loading_bar(variant: str, parts: int, progress: bool) -> tqdm:
+    """A progress bar over a pipeline's parts while they load (and move to the device): shared by the model files."""
+    return tqdm(total=parts, desc=f"loading {variant}", disable=bar_disabled(progress), unit="part", leave=False)
+
+
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "Flux1Pipeline":
     """Load the whole pipeline from a variant name (downloads from Hugging Face) or a folder laid out like the repo:
     `<transformer>.safetensors`, `ae.safetensors` (or `vae/`), `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
-    `tokenizer_2/`."""
+    `tokenizer_2/`. progress: show a bar over the parts."""
     root, variant = locate(name_or_path, variant, VARIANTS, "FLUX.1", detect_variant, component_files)
     v = VARIANTS[variant]
-    transformer = load_transformer(find_transformer_file(root, v), device, dtype, repo_axes_dim(root))
+    transformer_file = find_transformer_file(root, v)
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as ae.safetensors or a diffusers vae/ folder")
-    ae = load_ae(ae_path, device, dtype)
     clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt")
     t5_tokenizer = T5Tokenizer(root / "tokenizer_2" / "tokenizer.json")
-    clip = load_clip(root / "text_encoder", device, dtype)
-    t5 = load_t5(root / "text_encoder_2", device, dtype)
+    with loading_bar(variant, 4, progress) as bar:
+        transformer = load_transformer(transformer_file, device, dtype, repo_axes_dim(root))
+        bar.update()
+        ae = load_ae(ae_path, device, dtype)
+        bar.update()
+        clip = load_clip(root / "text_encoder", device, dtype)
+        bar.update()
+        t5 = load_t5(root / "text_encoder_2", device, dtype)
+        bar.update()
     return Flux1Pipeline(transformer, ae, clip, t5, clip_tokenizer, t5_tokenizer, variant)
 
 
@@ -1345,11 +1361,12 @@ def run_sampler(pipe, velocity_fn, n, height, width, sigmas, solver, seed, noise
         sigmas = sigmas[int(steps - min(steps * strength, steps)) :]
         x0 = pipe.encode(init.to(device)).expand(n, -1, -1, -1)
         x = torch.lerp(x0.float(), x, sigmas[0])
-    with tqdm(total=len(sigmas) - 1, disable=not progress, desc=pipe.variant) as bar:
+    with tqdm(total=len(sigmas) - 1, disable=bar_disabled(progress), desc=pipe.variant, unit="step") as bar:
         x = solvers.SOLVERS[solver](velocity_fn, x, sigmas, callback=lambda *_: bar.update())
-    if output == "latent":
-        return x
-    pixels = pipe.decode(x)
+        if output == "latent":
+            return x
+        bar.set_postfix_str("decoding")  # the VAE decode is one more silent phase at large sizes
+        pixels = pipe.decode(x)
     return pixels if output == "pt" else to_pil(pixels)
 
 

@@ -538,19 +538,23 @@ def component_files(v: Variant) -> list[str]:
 
 
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "ZImagePipeline":
     """Load from a variant name (downloads from Hugging Face) or a folder laid out like the official repo:
     `transformer/`, `text_encoder/` (Qwen3), `tokenizer/`, `vae/` (FLUX.1's autoencoder), `scheduler/`. A local
     folder is taken as Turbo unless `variant` says otherwise (the two repos' files look alike)."""
     detect = lambda root: DEFAULT_VARIANT  # noqa: E731
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "Z-Image", detect, component_files)
-    transformer = load_transformer(root / "transformer", device, dtype)
-    text_config = read_config(root / "text_encoder")
-    # Z-Image reads the second-to-last layer's output, so the last layer (and the final norm) are never built.
-    text_encoder = load_qwen3(root / "text_encoder", text_config["num_hidden_layers"] - 1, device, dtype)
     tokenizer = Qwen3Tokenizer(root / "tokenizer" / "tokenizer.json")
-    ae = flux1.load_ae(root / "vae", device, dtype)
+    with flux1.loading_bar(variant, 3, progress) as bar:
+        transformer = load_transformer(root / "transformer", device, dtype)
+        bar.update()
+        text_config = read_config(root / "text_encoder")
+        # Z-Image reads the second-to-last layer's output, so the last layer (and the final norm) are never built.
+        text_encoder = load_qwen3(root / "text_encoder", text_config["num_hidden_layers"] - 1, device, dtype)
+        bar.update()
+        ae = flux1.load_ae(root / "vae", device, dtype)
+        bar.update()
     defaults = scheduler_defaults(VARIANTS[variant], root / "scheduler" / "scheduler_config.json")
     return ZImagePipeline(transformer, text_encoder, tokenizer, ae, variant, defaults)
 
