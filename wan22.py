@@ -1139,11 +1139,13 @@ def load(
     variant: str | None = None,
     device="cpu",
     dtype=torch.bfloat16,
+    progress=False,
     vae_dtype: torch.dtype = torch.float32,
 ) -> "WanPipeline":
     """Load the pipeline from a variant name (downloads the official repo from Hugging Face) or a folder laid out like
     the official repo or like its -Diffusers twin. The DiT and umT5 compute in `dtype`; the VAE runs in float32 by
-    default, as in the official pipelines (`vae_dtype=torch.bfloat16` halves its memory)."""
+    default, as in the official pipelines (`vae_dtype=torch.bfloat16` halves its memory). progress: a bar over the
+    parts."""
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "Wan2.2", detect_variant, component_files)
     if (root / "transformer").is_dir():
         parts = {"dit": root / "transformer", "vae": root / "vae", "text_encoder": root / "text_encoder"}
@@ -1160,10 +1162,15 @@ def load(
     for name, path in parts.items():
         if not path.exists():
             raise FileNotFoundError(f"{root}: missing {path.relative_to(root)} ({name})")
-    transformer = load_transformer(parts["dit"], device, dtype)
-    text_encoder = load_umt5(parts["text_encoder"], device, dtype)
-    vae = load_vae(parts["vae"], device, vae_dtype)
-    return WanPipeline(transformer, vae, text_encoder, UMT5Tokenizer(tokenizer), variant)
+    tokenizer = UMT5Tokenizer(tokenizer)
+    with flux1.loading_bar(variant, 3, progress) as bar:
+        transformer = load_transformer(parts["dit"], device, dtype)
+        bar.update()
+        text_encoder = load_umt5(parts["text_encoder"], device, dtype)
+        bar.update()
+        vae = load_vae(parts["vae"], device, vae_dtype)
+        bar.update()
+    return WanPipeline(transformer, vae, text_encoder, tokenizer, variant)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1378,14 +1385,14 @@ class WanPipeline:
         sigmas = schedule(steps, d.shift if shift is None else shift) if sigmas is None else sigmas
         if first is not None:
             x[:, :, :1] = first
-        with tqdm(total=len(sigmas) - 1, disable=not progress, desc=self.variant) as bar:
+        with tqdm(total=len(sigmas) - 1, disable=flux1.bar_disabled(progress), desc=self.variant, unit="step") as bar:
             x = solvers.SOLVERS[solver](velocity_fn, x, sigmas.to(device), callback=lambda *_: bar.update())
         if first is not None:
             x[:, :, :1] = first
         if output == "latent":
             return x
         frames_out = 1 + TEMPORAL_STRIDE * (x.shape[2] - 1)
-        with tqdm(total=None if tile else x.shape[2], disable=not progress, desc="VAE decode", unit="frame") as bar:
+        with tqdm(total=None if tile else x.shape[2], disable=flux1.bar_disabled(progress), desc="VAE decode") as bar:
             pixels = self.decode(x, tile=tile, progress=bar.update)
         assert pixels.shape[2] == frames_out
         if output == "pt":
