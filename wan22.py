@@ -323,7 +323,8 @@ def load_umt5(path, device="cpu", dtype=torch.bfloat16) -> UMT5Encoder:
     if path.is_dir():
         state_dict = read_weights_as(path, lambda k: dtype)
         embed = state_dict.pop("encoder.embed_tokens.weight", None)  # transformers' tied alias of `shared`
-        state_dict.setdefault("shared.weight", embed)
+        if "shared.weight" not in state_dict and embed is not None:
+            state_dict["shared.weight"] = embed
         config = T5Config.from_dict(read_config(path))
     else:
         state_dict = {rename(k, UMT5_FROM_WAN): v for k, v in read_weights_as(path, lambda k: dtype).items()}
@@ -344,7 +345,7 @@ def load_umt5(path, device="cpu", dtype=torch.bfloat16) -> UMT5Encoder:
 # self-attention with 3D RoPE, cross-attention to the 512 umT5 states, an MLP; modulation by the timestep as in DiT
 # (arXiv 2212.09748), one set per latent frame. Where the official code computes in float32 under bf16 autocast (the
 # timestep embedding and projection, the modulation, the norms, the head), so does this one, and it keeps those
-# weights in float32 (FP32_KEYS); the RoPE rotation is done in float64, as in the official code.
+# weights in float32 (keeps_fp32); the RoPE rotation is done in float64, as in the official code.
 
 
 def keeps_fp32(key: str) -> bool:
@@ -353,12 +354,18 @@ def keeps_fp32(key: str) -> bool:
     return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", key) for m in fp32_modules)
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the timestep embedding and RoPE, as the official code; float32 where the device has no float64
+    (Apple's MPS), as diffusers does there."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     """[cos, sin] of t * 10000^(-k / (dim/2)), k < dim/2, in float64 like the official code (t is an integer
     timestep up to 999: float32 would be off by ~1e-4 rad at the fastest frequency)."""
-    half = dim // 2
-    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
-    args = t.double()[..., None] * freqs
+    half, dtype = dim // 2, wide_dtype(t.device)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=dtype, device=t.device).div(half))
+    args = t.to(dtype)[..., None] * freqs
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
@@ -370,10 +377,11 @@ def rope_freqs(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
     position * theta^(-2i/d) (RoFormer, arXiv 2104.09864) with d its own width, positions from 0."""
     pairs = head_dim // 2
     widths = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)
+    dtype = wide_dtype(torch.device(device or "cpu"))
     axes = []
     for n, w in zip(grid, widths):
-        omega = 1.0 / torch.pow(theta, torch.arange(0, 2 * w, 2, dtype=torch.float64, device=device) / (2 * w))
-        angles = torch.outer(torch.arange(n, dtype=torch.float64, device=device), omega)
+        omega = 1.0 / torch.pow(theta, torch.arange(0, 2 * w, 2, dtype=dtype, device=device) / (2 * w))
+        angles = torch.outer(torch.arange(n, dtype=dtype, device=device), omega)
         axes.append(torch.polar(torch.ones_like(angles), angles))
     f, h, w = grid
     table = torch.cat(
@@ -389,7 +397,8 @@ def rope_freqs(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of x (B, L, heads, head_dim) in float64; float32 out (the official rope_apply)."""
-    rotated = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous()) * freqs
+    wide = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
+    rotated = torch.view_as_complex(x.to(wide).unflatten(-1, (-1, 2)).contiguous()) * freqs
     return torch.view_as_real(rotated).flatten(-2).float()
 
 
