@@ -517,6 +517,14 @@ def test_sample_frames_on_an_image_model_is_refused(capsys):
     assert "video models" in capsys.readouterr().err
 
 
+def test_sample_out_file_names(wan22_repo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(video, "available_backend", lambda: "pillow")
+    assert run_sample(wan22_repo[0], tmp_path / "fox.png") == 2  # checked before loading
+    assert "this model writes .mp4 files" in capsys.readouterr().err
+    assert run_sample(wan22_repo[0], tmp_path / "fox.mp4") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["fox.webp"]  # the fallback container, beside the name given
+
+
 @pytest.mark.parametrize("mode", ["int8", "model", "blocks"])
 def test_sample_int8_and_offload(wan22_repo, tmp_path, monkeypatch, mode):
     """--offload gives the video of the plain run; --int8 a close one (the tiny model's linears are 48-64 wide, so the
