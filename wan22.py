@@ -196,14 +196,31 @@ def read_converted(file: Path, layout: tuple, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def read_pth(file: Path) -> dict[str, Tensor]:
+    """A .pth state dict through torch.load(weights_only=True): memory-mapped, or, for a file in torch's legacy
+    (pre-zip) format, which cannot be mapped, read whole. A corrupt file is a one-line error."""
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file not found: {file}")
+    try:
+        try:
+            return read_weights(file)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a broken file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+
+
 def read_weights_as(path, dtype_of) -> dict[str, Tensor]:
     """flux1.read_weights (a .safetensors file, a sharded index, a .pth or a folder), each tensor in dtype_of(key).
     Safetensors tensors of another dtype are converted while read from the file (see above); .pth tensors (the VAE and
     the umT5 checkpoint, both small next to the DiT) are converted from the memory map."""
     file = weight_file(Path(path))
-    state_dict = read_weights(file)  # mmapped; checks that every shard is there and readable
     if file.suffix in (".pth", ".pt"):
-        return {k: v.to(dtype_of(k)) for k, v in state_dict.items()}
+        return {k: v.to(dtype_of(k)) for k, v in read_pth(file).items()}
+    state_dict = read_weights(file)  # mmapped; checks that every shard is there and readable
     if file.name.endswith(".index.json"):
         shard_of = {k: file.parent / s for k, s in json.loads(file.read_text())["weight_map"].items()}
     else:

@@ -123,9 +123,22 @@ def test_truncated_shard_is_a_clear_error(wan22_repo, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match="00002-of-00003"):
         wan22.load_transformer(tmp_path / "repo", dtype=torch.bfloat16)
-    (tmp_path / "repo" / "Wan2.2_VAE.pth").unlink()
+    vae = tmp_path / "repo" / "Wan2.2_VAE.pth"
+    vae.write_bytes(vae.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="Wan2.2_VAE.pth is not a readable checkpoint"):
+        wan22.load_vae(vae)
+    vae.unlink()
     with pytest.raises(FileNotFoundError, match="Wan2.2_VAE.pth"):
         wan22.load(tmp_path / "repo", dtype=torch.float32)
+
+
+def test_legacy_pth_format_is_read_whole(wan22_repo, tmp_path):
+    """torch's pre-zip .pth format cannot be memory-mapped; such a file is read whole rather than refused."""
+    sd = torch.load(wan22_repo[0] / "models_t5_umt5-xxl-enc-bf16.pth", weights_only=True)
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = wan22.load_umt5(tmp_path / "legacy.pth", dtype=torch.float32)
+    mapped = wan22.load_umt5(wan22_repo[0] / "models_t5_umt5-xxl-enc-bf16.pth", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(legacy.state_dict().values(), mapped.state_dict().values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
