@@ -7,7 +7,8 @@ forward would):
 - ours: wan22.load_transformer(dtype=bfloat16), which converts each tensor while reading it from the file;
 - naive: flux1.read_weights (mmapped) and .to(bfloat16) per tensor, then load_into;
 - diffusers: WanTransformer3DModel.from_pretrained(torch_dtype=bfloat16) on the same weights in diffusers' layout.
-Target: ours' peak RSS <= 1.1x the bf16 size of the weights. The three alternate; median of --repeats.
+Target: ours' peak RSS <= 1.1x the bf16 size of the weights. The three alternate; median of --repeats. Peak RSS is
+the process's VmHWM (ru_maxrss would include the parent's RSS at fork time, e.g. after writing the checkpoint).
 
     python benchmarks/bench_wan_load.py [--repeats 3] [--dir /tmp/wan-load-bench]
 """
@@ -24,8 +25,11 @@ CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
 import torch
-from common import current_rss_bytes, peak_rss_bytes
+from common import current_rss_bytes
 import flux1, wan22
+
+def peak_rss_bytes():  # VmHWM: this process image's own peak (ru_maxrss would include the parent's at fork time)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 side, folder = sys.argv[1], sys.argv[2]
 if side == "diffusers":
     from diffusers import WanTransformer3DModel

@@ -28,8 +28,11 @@ import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
 import torch
 torch.set_num_threads({threads})
-from common import current_rss_bytes, peak_rss_bytes
+from common import current_rss_bytes
 import wan22
+
+def peak_rss_bytes():  # VmHWM: this process image's own peak (ru_maxrss would include the parent's at fork time)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 side, folder, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if side == "diffusers":
     from diffusers import AutoencoderKLWan
