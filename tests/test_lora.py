@@ -42,17 +42,47 @@ def test_lora_linear_math():
     assert torch.allclose(layer(x), before, atol=1e-5)
 
 
-def test_fuse_and_split_are_exact():
+def fuse(parts, sizes):
+    """LoRAs of separate projections as one LoRA of their concatenation: A stacked, B block-diagonal (exact)."""
+    a = torch.cat([p[0] for p in parts])
+    b = torch.block_diag(*[p[1] for p in parts])
+    assert b.shape[0] == sum(sizes)
+    return a, b
+
+
+def test_route_fuses_splits_and_reorders_rows_exactly():
+    """Aliases send rows of a file's layer to rows of the model's: q, k, v into a fused qkv, a fused qkv out to q, k,
+    v, halves swapped; low-rank, full and bias changes and DoRA magnitudes all follow their rows."""
     torch.manual_seed(0)
-    x = torch.randn(5, 8)
-    parts = [(torch.randn(2, 8), torch.randn(4, 2)), None, (torch.randn(3, 8), torch.randn(6, 3))]
-    a, b = lora.fuse(parts, [4, 5, 6])
-    fused = x @ (b @ a).T
-    assert torch.allclose(fused[:, :4], x @ (parts[0][1] @ parts[0][0]).T, atol=1e-6)
-    assert torch.all(fused[:, 4:9] == 0)
-    assert torch.allclose(fused[:, 9:], x @ (parts[2][1] @ parts[2][0]).T, atol=1e-6)
-    for (pa, pb), rows in zip(lora.split((a, b), [4, 5, 6]), fused.split([4, 5, 6], dim=1)):
-        assert torch.allclose(x @ (pb @ pa).T, rows, atol=1e-6)
+    model = nn.ModuleDict({"qkv": nn.Linear(8, 15), "q": nn.Linear(8, 4), "k": nn.Linear(8, 5), "mod": nn.Linear(8, 6)})
+    whole = slice(None)
+    aliases = {
+        "to_q": [("qkv", whole, slice(0, 4))],
+        "to_v": [("qkv", whole, slice(9, 15))],
+        "fused": [("q", slice(0, 4), whole), ("k", slice(4, 9), whole)],
+        "swapped": [("mod", slice(0, 3), slice(3, 6)), ("mod", slice(3, 6), slice(0, 3))],
+    }
+    q = lora.Patch(down=torch.randn(2, 8), up=torch.randn(4, 2), magnitude=torch.rand(4, 1), keys=["q"])
+    v = lora.Patch(down=torch.randn(3, 8), up=torch.randn(6, 3), diff_b=torch.randn(6), keys=["v"])
+    fused = lora.Patch(down=torch.randn(2, 8), up=torch.randn(9, 2), diff=torch.randn(9, 8), keys=["f"])
+    swapped = lora.Patch(down=torch.randn(2, 8), up=torch.randn(6, 2), diff_b=torch.randn(6), keys=["s"])
+    routed, unusable = lora.route({"to_q": q, "to_v": v, "fused": fused, "swapped": swapped}, aliases, model)
+    assert unusable == [] and set(routed) == {"qkv", "q", "k", "mod"}
+    qkv = routed["qkv"].up @ routed["qkv"].down
+    assert torch.allclose(qkv[:4], q.up @ q.down) and torch.all(qkv[4:9] == 0)
+    assert torch.allclose(qkv[9:], v.up @ v.down)
+    assert torch.equal(routed["qkv"].diff_b[9:], v.diff_b) and torch.all(routed["qkv"].diff_b[:9] == 0)
+    assert torch.equal(routed["qkv"].magnitude[:4], q.magnitude) and routed["qkv"].magnitude[4:].isnan().all()
+    for name, rows in (("q", slice(0, 4)), ("k", slice(4, 9))):
+        assert torch.allclose(routed[name].up @ routed[name].down, (fused.up @ fused.down)[rows])
+        assert torch.equal(routed[name].diff, fused.diff[rows])
+    mod = routed["mod"]
+    assert mod.down.shape[0] == 2  # one A shared by both halves: the rank stays 2
+    assert torch.allclose(mod.up @ mod.down, (swapped.up @ swapped.down)[[3, 4, 5, 0, 1, 2]])
+    assert torch.equal(mod.diff_b, swapped.diff_b[[3, 4, 5, 0, 1, 2]])
+    # A per-column DoRA magnitude spans every row of its layer: it cannot be split, so it is not applied.
+    by_columns = lora.Patch(down=torch.randn(2, 8), up=torch.randn(9, 2), magnitude=torch.rand(1, 8), keys=["c"])
+    assert lora.route({"fused": by_columns}, aliases, model) == ({}, ["c"])
 
 
 def test_add_lora_targets_and_freezes():
@@ -109,7 +139,8 @@ def test_flux_trained_lora_loads_in_diffusers(flux1_repo, tmp_path):
     names = train_a_little(pipe.transformer, targets, rank=4, alpha=2.0, seed=1)
     assert len(names) == 2 * 8 + 2 * 1
     path = tmp_path / "flux_lora.safetensors"
-    lora.save(pipe.transformer, path, flux1.LORA_FORMAT, {"base_model": "flux1-dev", "rank": 4, "alpha": 2.0})
+    metadata = {"base_model": "flux1-dev", "rank": 4, "alpha": 2.0}
+    lora.save(pipe.transformer, path, flux1.LORA_FORMAT, metadata, dtype=torch.float32)
     with safe_open(path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys and meta["rank"] == "4"
@@ -151,7 +182,7 @@ def test_flux_lora_with_every_default_target_loads_in_diffusers_at_full_width(tm
         base = ref(hidden_states=img, **kw, return_dict=False)[0]
         assert rel(model(img, ids, txt, tids, s, vec, g), base) < 1e-5
     train_a_little(model, flux1.LORA_TARGETS, rank=2, alpha=1.0, seed=3)
-    lora.save(model, tmp_path / "full.safetensors", flux1.LORA_FORMAT)
+    lora.save(model, tmp_path / "full.safetensors", flux1.LORA_FORMAT, dtype=torch.float32)
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
     from peft import LoraConfig  # noqa: F401  (diffusers needs the PEFT backend)
     from safetensors.torch import load_file
@@ -205,9 +236,11 @@ def test_flux_loras_from_the_wild(flux1_repo, tmp_path, family):
             state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b * 2, f"{key}.alpha": torch.tensor(2.0)}
         save_file(state, path := tmp_path / "onetrainer.safetensors")
     else:  # BFL names, fused: kohya (lora_unet_ + alpha) or ComfyUI (diffusion_model. + lora_A/B)
-        bfl = flux1.lora_to_bfl(pairs, flux1.load(root, dtype=torch.float32).transformer.params)
+        model = flux1.load(root, dtype=torch.float32).transformer
+        patches = {name: lora.Patch(down=a, up=b) for name, (a, b) in pairs.items()}
+        bfl, _ = lora.route(patches, flux1.lora_aliases(model.params), model)
         state = {}
-        for name, (a, b) in bfl.items():
+        for name, (a, b) in ((n, (p.down, p.up)) for n, p in bfl.items()):
             if family == "kohya":
                 key, r = "lora_unet_" + name.replace(".", "_"), a.shape[0]
                 state |= {
@@ -280,7 +313,7 @@ def test_zimage_trained_lora_loads_in_diffusers(zimage_repo, tmp_path):
     names = train_a_little(pipe.transformer, zimage.LORA_TARGETS, rank=4, alpha=8.0, seed=2)
     assert len(names) == 7 * (2 + 1 + 1)  # 2 main layers + 1 noise refiner + 1 context refiner
     path = tmp_path / "zimage_lora.safetensors"
-    lora.save(pipe.transformer, path, zimage.LORA_FORMAT, {"base_model": "zimage-base"})
+    lora.save(pipe.transformer, path, zimage.LORA_FORMAT, {"base_model": "zimage-base"}, dtype=torch.float32)
     with safe_open(path, "pt") as f:
         assert "diffusion_model.layers.0.attention.to_out.0.lora_A.weight" in f.keys()
     ref_pipe = diffusers_zimage_pipeline(_fresh_zimage(zimage_repo))
@@ -331,7 +364,7 @@ def test_zimage_loras_from_the_wild(zimage_repo, tmp_path, family):
         )
     else:  # ComfyUI's native Z-Image names: one fused attention.qkv (shared A), attention.out
         q, k, v = (pairs[f"layers.0.attention.to_{c}"] for c in "qkv")
-        a, b = lora.fuse([q, k, v], [64] * 3)
+        a, b = fuse([q, k, v], [64] * 3)
         state = {
             "diffusion_model.layers.0.attention.qkv.lora_A.weight": a,
             "diffusion_model.layers.0.attention.qkv.lora_B.weight": b,
