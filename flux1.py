@@ -1113,6 +1113,17 @@ def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]
     return aliases
 
 
+def clip_lora_aliases(clip: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """CLIP's layer names as transformers >= 5 writes them, without the "text_model." prefix that FLUX.1's checkpoint,
+    kohya's lora_te1_ keys and older diffusers files have (and our module keeps)."""
+    whole = slice(None)
+    return {
+        n.removeprefix("text_model."): [(n, whole, whole)]
+        for n, _ in clip.named_modules()
+        if n.startswith("text_model.")
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -1351,7 +1362,8 @@ class Flux1Pipeline:
         encoders at `scale`; returns the layers it changed. Several files stack. What cannot be applied is named in a
         warning, or with `strict` raises a ValueError."""
         components = {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5}
-        return lora.load(path, components, scale, {"transformer": lora_aliases(self.transformer.params)}, strict)
+        aliases = {"transformer": lora_aliases(self.transformer.params), "text_encoder": clip_lora_aliases(self.clip)}
+        return lora.load(path, components, scale, aliases, strict)
 
     def training_kwargs(self) -> dict:
         """Extra velocity() arguments while training: FLUX.1-dev trains at guidance 1.0, Flex.1-alpha with the

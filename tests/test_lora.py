@@ -1,8 +1,13 @@
-"""LoRA: the layer itself, and files that other tools write and read (kohya, diffusers/PEFT, ComfyUI), checked
-against diffusers' load_lora_weights on the same tiny pipelines."""
+"""LoRA: the layer itself, and files that other tools write and read (kohya, diffusers/PEFT, ComfyUI, LyCORIS),
+checked against diffusers' load_lora_weights and PEFT's own layers (DoRA, LoKr, LoHa) on the same tiny models."""
+
+import copy
+import json
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fakes import (
     TOKENIZERS,
     diffusers_flux_pipeline,
@@ -15,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import flux1
+import int8
 import lora
 import zimage
 
@@ -92,6 +98,155 @@ def test_add_lora_targets_and_freezes():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["blocks.0.q.lora_A", "blocks.0.q.lora_B"]
     with pytest.raises(ValueError, match="no linear layer matches"):
         lora.add_lora(model, ["nothing.*"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapter kinds beyond LoRA, against PEFT's implementations (and LyCORIS / ComfyUI's rules where PEFT has none)
+
+
+def peft_layer(config, base, seed=0):
+    """A PEFT adapter of `config` on a copy of `base` with random (non-zero) adapter weights; returns the PEFT model
+    and its saved tensors (keys like "base_model.model.0.lora_A.weight")."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(nn.Sequential(copy.deepcopy(base)), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:  # PEFT starts it at the weight's row norms: move it away from them
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif any(k in name for k in ("lora_", "lokr_", "hada_")):
+                p.copy_(0.4 * torch.randn(p.shape, generator=g))
+    return model, get_peft_model_state_dict(model)
+
+
+def load_into_copy(base, state, tmp_path, scale=1.0, metadata=None, **kw):
+    save_file(state, tmp_path / "adapter.safetensors", metadata=metadata)
+    model = nn.Sequential(copy.deepcopy(base))
+    lora.load(tmp_path / "adapter.safetensors", {"transformer": model}, scale, **kw)
+    return model
+
+
+def test_dora_matches_peft_and_comfyui_rules(tmp_path):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base, x = nn.Linear(6, 5), torch.randn(3, 6)
+    ref, sd = peft_layer(LoraConfig(r=2, lora_alpha=3, target_modules=["0"], use_dora=True), base)
+    a, b = sd["base_model.model.0.lora_A.weight"], sd["base_model.model.0.lora_B.weight"]
+    magnitude = sd["base_model.model.0.lora_magnitude_vector"]
+    with torch.no_grad():
+        expected = ref(x)
+        # diffusers' spelling: PEFT keys under "transformer.", alpha in the lora_adapter_metadata header
+        state = {f"transformer.0.{k.split('.0.', 1)[1]}": v for k, v in sd.items()}
+        header = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 3})}
+        assert rel(load_into_copy(base, state, tmp_path, metadata=header)(x), expected) < 1e-6
+        # LyCORIS / kohya's spelling: dora_scale (out, 1) and an alpha tensor
+        kohya = {
+            "lora_unet_0.lora_down.weight": a,
+            "lora_unet_0.lora_up.weight": b,
+            "lora_unet_0.alpha": torch.tensor(3.0),
+        }
+        assert (
+            rel(load_into_copy(base, {**kohya, "lora_unet_0.dora_scale": magnitude[:, None]}, tmp_path)(x), expected)
+            < 1e-6
+        )
+        # Per input column (LyCORIS wd_on_out=False, dora_scale (1, in)), at scale 0.5: W + 0.5 (W_dora - W) as ComfyUI
+        by_columns = torch.rand(1, 6) + 0.5
+        changed = base.weight + 1.5 * b @ a
+        w_dora = changed * by_columns / changed.norm(dim=0, keepdim=True)
+        model = load_into_copy(base, {**kohya, "lora_unet_0.dora_scale": by_columns}, tmp_path, scale=0.5)
+        assert rel(model(x), F.linear(x, base.weight + 0.5 * (w_dora - base.weight), base.bias)) < 1e-6
+        # INT8 base: nothing is merged into the int8 weight; a DeltaLinear adds exactly the DoRA change of the
+        # weight the INT8 layer computes with.
+        quantized = nn.Sequential(int8.Int8Linear.from_linear(copy.deepcopy(base)))
+        save_file({**kohya, "lora_unet_0.dora_scale": magnitude[:, None]}, tmp_path / "dora.safetensors")
+        lora.load(tmp_path / "dora.safetensors", {"transformer": quantized})
+        layer = quantized[0]
+        assert isinstance(layer, lora.DeltaLinear) and layer.base.weight.dtype == torch.int8
+        w = layer.base.dequantize()
+        changed = w + 1.5 * b @ a
+        w_dora = changed * magnitude[:, None] / changed.norm(dim=1, keepdim=True)
+        assert rel(layer(x) - layer.base(x), F.linear(x, w_dora - w)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_match_peft(tmp_path, kind):
+    from peft import LoHaConfig, LoKrConfig
+
+    torch.manual_seed(1)
+    base, x = nn.Linear(16, 24), torch.randn(3, 16)
+    config = (LoKrConfig if kind == "lokr" else LoHaConfig)(r=2, alpha=3, target_modules=["0"])
+    ref, sd = peft_layer(config, base, seed=2)
+    # SimpleTuner / LyCORIS spelling: lycoris_<name>.<tensor>, alpha per layer
+    state = {f"lycoris_0.{k.rsplit('.', 1)[1]}": v for k, v in sd.items()} | {"lycoris_0.alpha": torch.tensor(3.0)}
+    if kind == "lokr":
+        assert {"lycoris_0.lokr_w1", "lycoris_0.lokr_w2_a", "lycoris_0.lokr_w2_b"} <= set(state)  # w2 factored
+    with torch.no_grad():
+        assert rel(load_into_copy(base, state, tmp_path)(x), ref(x)) < 1e-6
+        quantized = nn.Sequential(int8.Int8Linear.from_linear(copy.deepcopy(base)))
+        save_file(state, tmp_path / "q.safetensors")
+        lora.load(tmp_path / "q.safetensors", {"transformer": quantized}, scale=0.7)
+        layer = quantized[0]
+        assert isinstance(layer, lora.DeltaLinear)
+        assert rel(layer(x) - layer.base(x), 0.7 * (ref(x) - base(x))) < 1e-5
+        if kind == "lokr":  # both factors whole: LyCORIS and ComfyUI apply kron(w1, w2) unscaled (PEFT: alpha / r)
+            w1, w2 = torch.randn(4, 4), torch.randn(6, 4)
+            whole = {"lycoris_0.lokr_w1": w1, "lycoris_0.lokr_w2": w2, "lycoris_0.alpha": torch.tensor(3.0)}
+            model = load_into_copy(base, whole, tmp_path)
+            assert rel(model(x), F.linear(x, base.weight + torch.kron(w1, w2), base.bias)) < 1e-6
+
+
+def test_non_finite_weights_and_scales_are_refused(tmp_path):
+    base = nn.Linear(4, 3)
+    good = {"lora_unet_0.lora_down.weight": torch.randn(2, 4), "lora_unet_0.lora_up.weight": torch.randn(3, 2)}
+    with pytest.raises(ValueError, match="finite"):
+        load_into_copy(base, good, tmp_path, scale=float("nan"))
+    bad = {**good, "lora_unet_0.lora_up.weight": torch.tensor([[1.0, float("inf")]] * 3)}
+    with pytest.raises(ValueError, match=r"lora_unet_0.lora_up.weight has NaN or infinite"):
+        load_into_copy(base, bad, tmp_path)
+
+
+def test_what_is_not_applied_is_named_and_strict_refuses_it(tmp_path, capsys):
+    base = nn.Linear(4, 3)
+    good = {"lora_unet_0.lora_down.weight": torch.randn(2, 4), "lora_unet_0.lora_up.weight": torch.randn(3, 2)}
+    extra = {
+        "lora_unet_9.lora_down.weight": torch.randn(2, 4),  # a layer this model does not have
+        "lora_unet_9.lora_up.weight": torch.randn(3, 2),
+        "lora_unet_0.lora_mid.weight": torch.randn(2, 2),  # a kind this loader does not apply (LoCon's Tucker)
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 4),  # no text encoder here
+    }
+    model = load_into_copy(base, {**good, **extra}, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: adapter.safetensors: 4 of 6 tensors not applied"), err
+    assert "lora_unet_0.lora_mid.weight" in err[0] and isinstance(model[0], lora.LoRALinear)
+    with pytest.raises(ValueError, match="4 of 6 tensors not applied"):
+        load_into_copy(base, {**good, **extra}, tmp_path, strict=True)
+    with pytest.raises(ValueError, match="2 of 2 tensors not applied"):  # nothing applies: always an error
+        load_into_copy(base, {k: v for k, v in extra.items() if "_9" in k}, tmp_path)
+
+
+def test_save_writes_bf16_with_standard_metadata_and_readable_permissions(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    lora.add_lora(model, ["0", "1"], rank=2, alpha=4.0)
+    old = os.umask(0o022)
+    try:
+        lora.save(model, tmp_path / "k.safetensors", "kohya", {"ss_base_model_version": "flux1", "title": "t"})
+        lora.save(model, tmp_path / "c.safetensors", "comfy", dtype=torch.float16)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "k.safetensors"]  # no .tmp left
+    for name in ("k", "c"):
+        assert oct((tmp_path / f"{name}.safetensors").stat().st_mode & 0o777) == "0o644"
+    with safe_open(tmp_path / "k.safetensors", "pt") as f:
+        meta, dtypes = f.metadata(), {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert dtypes["lora_unet_0.lora_down.weight"] == torch.bfloat16 and dtypes["lora_unet_1.alpha"] == torch.float32
+    assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "4.0" and meta["title"] == "t"
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.sai_model_spec"] == "1.0.1"
+    with safe_open(tmp_path / "c.safetensors", "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("diffusion_model.0.lora_B.weight").dtype == torch.float16
+    assert meta["ss_network_alpha"] == "2.0"  # alpha / rank folded into B: the file's alpha is its rank
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,6 +441,138 @@ def test_lora_scale_and_stacking(flux1_repo, tmp_path):
         pipe.load_lora(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError):
         pipe.load_lora(tmp_path / "missing.safetensors")
+
+
+def peft_model(config, module, seed=0):
+    """PEFT's adapter injected into a copy of a diffusers/transformers model, with random adapter weights; returns
+    it and its saved tensors (keys like diffusers', "transformer_blocks.0.attn.to_q.lora_A.weight")."""
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    model = inject_adapter_in_model(config, copy.deepcopy(module))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif any(k in name for k in ("lora_", "lokr_", "hada_")):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval(), get_peft_model_state_dict(model)
+
+
+# Layers of diffusers' FLUX.1 that BFL fuses (q/k of one block, the single blocks' MLP input), reorders (the final
+# modulation) or keeps as they are.
+FLUX_DIFFUSERS_TARGETS = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.1.attn.add_v_proj",
+    "transformer_blocks.1.ff.net.2",
+    "single_transformer_blocks.1.proj_mlp",
+    "norm_out.linear",
+]
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])
+def test_flux_dora_lokr_loha_on_diffusers_names_match_peft(flux1_repo, tmp_path, kind):
+    """diffusers/PEFT DoRA files and SimpleTuner's LyCORIS files (lycoris_ + diffusers names) land on BFL's fused and
+    reordered layers exactly: the same velocity as PEFT's own adapters in diffusers' transformer."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    root, refs = flux1_repo
+    if kind == "dora":
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=FLUX_DIFFUSERS_TARGETS, use_dora=True)
+    else:
+        config = (LoKrConfig if kind == "lokr" else LoHaConfig)(r=2, alpha=4, target_modules=FLUX_DIFFUSERS_TARGETS)
+    ref, sd = peft_model(config, refs["transformer"], seed=3)
+    if kind == "dora":  # diffusers' file: transformer.<name>, alpha in the header
+        state = {f"transformer.{k}": v for k, v in sd.items()}
+        header = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4})}
+    else:
+        state, header = {}, None
+        for key, value in sd.items():
+            name, tensor = key.rsplit(".", 1)
+            state |= {f"lycoris_{name.replace('.', '_')}.{tensor}": value}
+            state[f"lycoris_{name.replace('.', '_')}.alpha"] = torch.tensor(4.0)
+        if kind == "lokr":  # each w2 factored, so LyCORIS' scale (alpha / r) is PEFT's
+            assert sum(k.endswith("lokr_w2_a") for k in state) == len(FLUX_DIFFUSERS_TARGETS)
+    save_file(state, tmp_path / "file.safetensors", metadata=header)
+    pipe = flux1.load(root, dtype=torch.float32)
+    changed = pipe.load_lora(tmp_path / "file.safetensors", strict=True)
+    assert len(changed) == 5  # q and k share double_blocks.0.img_attn.qkv
+    ours, theirs = flux_velocity_both(pipe, ref)
+    assert rel(ours, theirs) < 1e-5
+    assert rel(theirs, flux_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
+
+
+def test_flux_full_weight_and_bias_diffs(flux1_repo, tmp_path):
+    """`.diff` / `.diff_b` (ComfyUI's full changes) on diffusers names: a fused q, the final modulation's bias (its
+    halves swap into BFL's order), a norm's scale; the same as changing the reference model's weights. Stacking and
+    scale: two loads at 0.5 are one at 1."""
+    root, refs = flux1_repo
+    g = torch.Generator().manual_seed(4)
+    ref = copy.deepcopy(refs["transformer"])
+    changes = {
+        "transformer_blocks.0.attn.to_q.diff": ref.transformer_blocks[0].attn.to_q.weight,
+        "transformer_blocks.0.attn.to_q.diff_b": ref.transformer_blocks[0].attn.to_q.bias,
+        "norm_out.linear.diff_b": ref.norm_out.linear.bias,
+        "norm_out.linear.diff": ref.norm_out.linear.weight,
+        "transformer_blocks.1.attn.norm_added_k.diff": ref.transformer_blocks[1].attn.norm_added_k.weight,
+        "single_transformer_blocks.0.proj_out.diff_b": ref.single_transformer_blocks[0].proj_out.bias,
+    }
+    state = {}
+    with torch.no_grad():
+        for key, param in changes.items():
+            state[f"transformer.{key}"] = 0.2 * torch.randn(param.shape, generator=g)
+            param += state[f"transformer.{key}"]
+    save_file(state, tmp_path / "diff.safetensors")
+    pipe = flux1.load(root, dtype=torch.float32)
+    pipe.load_lora(tmp_path / "diff.safetensors", scale=0.5, strict=True)
+    pipe.load_lora(tmp_path / "diff.safetensors", scale=0.5, strict=True)
+    ours, theirs = flux_velocity_both(pipe, ref)
+    assert rel(ours, theirs) < 1e-5
+    assert rel(theirs, flux_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
+    assert not lora.lora_layers(pipe.transformer)  # merged into the float weights, no wrapper
+
+
+def test_flux_text_encoder_loras(flux1_repo, tmp_path):
+    """kohya's lora_te1_ (CLIP-L) and lora_te3_ / lora_te2_ (T5) keys, and diffusers' text_encoder.: the same CLIP and
+    T5 as PEFT's LoRAs in transformers' models. (diffusers 0.42.1 with transformers 5 does not apply kohya's te1 keys
+    to CLIP: its converted names no longer match transformers' modules, so it is no oracle here.)"""
+    from peft import LoraConfig
+
+    root, refs = flux1_repo
+    # transformers >= 5 names CLIP's layers without the "text_model." that kohya's keys (and our module) have.
+    clip_targets = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc2"]
+    t5_targets = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wi_0"]
+    clip_ref, clip_sd = peft_model(LoraConfig(r=4, lora_alpha=8, target_modules=clip_targets), refs["clip"], seed=5)
+    t5_ref, t5_sd = peft_model(LoraConfig(r=4, lora_alpha=4, target_modules=t5_targets), refs["t5"], seed=6)
+    kohya, t5_only = {}, {}
+    for prefix, sd, alpha in (("lora_te1_text_model_", clip_sd, 8.0), ("lora_te3_", t5_sd, 4.0)):
+        for key, value in sd.items():
+            name, kind = key.split(".lora_")  # kind: "A.weight" or "B.weight"
+            stem = name.replace(".", "_")
+            kohya |= {f"{prefix}{stem}.lora_{dict(A='down', B='up')[kind[0]]}.weight": value}
+            kohya |= {f"{prefix}{stem}.alpha": torch.tensor(alpha)}
+            if prefix == "lora_te3_":  # OneTrainer writes T5 as lora_te2_
+                t5_only[f"lora_te2_{stem}.lora_{dict(A='down', B='up')[kind[0]]}.weight"] = value
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    save_file(t5_only, tmp_path / "t5.safetensors")
+    # diffusers' keys: text_encoder.<transformers name>, alpha 8 / rank 4 folded into B
+    save_file(
+        {f"text_encoder.{k}": v * (2 if ".lora_B." in k else 1) for k, v in clip_sd.items()},
+        tmp_path / "peft.safetensors",
+    )
+    ids = flux1.CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt")(["a red fox"])
+    t5_ids = flux1.T5Tokenizer(root / "tokenizer_2" / "tokenizer.json")(["a red fox"])
+    with torch.no_grad():
+        clip_plain, clip_expected = refs["clip"](ids).pooler_output, clip_ref(ids).pooler_output
+        t5_plain, t5_expected = refs["t5"](t5_ids).last_hidden_state, t5_ref(t5_ids).last_hidden_state
+        assert rel(clip_expected, clip_plain) > 1e-2 and rel(t5_expected, t5_plain) > 1e-2
+        for file, parts in (("kohya", "clip t5"), ("peft", "clip"), ("t5", "t5")):
+            pipe = flux1.load(root, dtype=torch.float32)
+            changed = pipe.load_lora(tmp_path / f"{file}.safetensors", strict=True)
+            assert len(changed) == 2 * len(parts.split()) and not lora.lora_layers(pipe.transformer)
+            assert rel(pipe.clip(ids), clip_expected if "clip" in parts else clip_plain) < 1e-5
+            assert rel(pipe.t5(t5_ids), t5_expected if "t5" in parts else t5_plain) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
