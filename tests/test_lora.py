@@ -669,3 +669,54 @@ def test_zimage_loras_from_the_wild(zimage_repo, tmp_path, family):
     ours, theirs = zimage_velocity_both(pipe, ref_pipe.transformer)
     assert rel(ours, theirs) < 1e-5
     assert rel(theirs, zimage_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
+
+
+def test_zimage_full_diffs_final_layer_and_text_encoder(zimage_repo, tmp_path, capsys):
+    """A ComfyUI fused-qkv `.diff` splits into to_q/to_k/to_v, a `.diff_b` gives a bias-free layer a bias, the final
+    layer's modulation takes a LoRA as is (Z-Image's is scale only: no reordering), the Qwen3 text encoder takes
+    LoRAs (diffusers' text_encoder. and kohya's lora_te_ keys), and FLUX.1's T5 keys are named as not applied."""
+    from peft import LoraConfig
+
+    root, refs = zimage_repo
+    g = torch.Generator().manual_seed(7)
+    ref = copy.deepcopy(refs["transformer"])
+    qkv_diff, out_bias = 0.1 * torch.randn(3 * 64, 64, generator=g), 0.3 * torch.randn(64, generator=g)
+    a, b = 0.3 * torch.randn(2, 64, generator=g), 0.3 * torch.randn(64, 2, generator=g)
+    te_targets = ["layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"]
+    te_ref, te_sd = peft_model(LoraConfig(r=4, lora_alpha=4, target_modules=te_targets), refs["text_encoder"], seed=8)
+    with torch.no_grad():
+        attention = ref.layers[0].attention
+        for i, proj in enumerate((attention.to_q, attention.to_k, attention.to_v)):
+            proj.weight += qkv_diff[i * 64 : (i + 1) * 64]
+        ref.layers[1].attention.to_out[0].bias = nn.Parameter(out_bias)
+        ref.all_final_layer["2-1"].adaLN_modulation[1].weight += b @ a
+    state = {
+        "diffusion_model.layers.0.attention.qkv.diff": qkv_diff,
+        "diffusion_model.layers.1.attention.out.diff_b": out_bias,
+        "diffusion_model.all_final_layer.2-1.adaLN_modulation.1.lora_A.weight": a,
+        "diffusion_model.all_final_layer.2-1.adaLN_modulation.1.lora_B.weight": b,
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 48),  # FLUX.1's T5
+    }
+    for key, value in te_sd.items():
+        if key.startswith("layers.0."):
+            state[f"text_encoder.{key}"] = value
+        else:
+            name, kind = key.split(".lora_")
+            state[f"lora_te_{name.replace('.', '_')}.lora_{dict(A='down', B='up')[kind[0]]}.weight"] = value
+    save_file(state, tmp_path / "mixed.safetensors")
+    pipe = zimage.load(root, dtype=torch.float32)
+    with pytest.raises(ValueError, match="1 of 9 tensors not applied"):
+        pipe.load_lora(tmp_path / "mixed.safetensors", strict=True)
+    changed = pipe.load_lora(tmp_path / "mixed.safetensors")
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight" in capsys.readouterr().err
+    assert len(changed) == 3 + 1 + 1 + 2
+    ours, theirs = zimage_velocity_both(pipe, ref)
+    assert rel(ours, theirs) < 1e-5
+    assert rel(theirs, zimage_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
+    ids, mask = torch.randint(0, 5000, (2, 9), generator=g), torch.ones(2, 9, dtype=torch.long)
+    layer = len(pipe.text_encoder.layers)
+    with torch.no_grad():
+        (hidden,) = pipe.text_encoder(ids, mask, [layer])
+        expected = te_ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        plain = refs["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert rel(hidden, expected) < 1e-5 and rel(expected, plain[layer]) > 1e-2
