@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", nargs="+", help="fnmatch patterns of layers to train (default: the model's)")
+    p.add_argument(
+        "--save-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the final LoRA file"
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
@@ -522,7 +525,13 @@ def train(args) -> int:
     log.close()
 
     final = out / f"{args.name or 'lora-' + args.model}.safetensors"
+    # Settings as given, but local paths only by their last part: a shared file must not tell where it was made.
+    paths = ("data", "weights", "output", "cache_dir", "preview_prompts", "resume")
+    settings = {k: Path(v).name if k in paths and v else v for k, v in vars(args).items()}
     metadata = {
+        **module.LORA_METADATA,  # what kohya's trainers write, read by other tools
+        "modelspec.title": final.stem,
+        "modelspec.resolution": f"{args.resolution[0]}x{args.resolution[0]}",
         "base_model": variant,
         "base_repo": variant_info.repo,
         "rank": args.rank,
@@ -530,9 +539,9 @@ def train(args) -> int:
         "targets": json.dumps(targets),
         "layers": len(names),
         "format": module.LORA_FORMAT,
-        "training": json.dumps({k: v for k, v in vars(args).items() if isinstance(v, int | float | str | list)}),
+        "training": json.dumps({k: v for k, v in settings.items() if isinstance(v, int | float | str | list)}),
     }
-    lora.save(transformer, final, module.LORA_FORMAT, metadata)
+    lora.save(transformer, final, module.LORA_FORMAT, metadata, dtype=lora.SAVE_DTYPES[args.save_dtype])
     print(f"wrote {final} ({len(names)} layers, rank {args.rank}) after {step} steps; log {log_path}")
     return 0
 
