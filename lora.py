@@ -9,6 +9,10 @@ File formats (what other tools load; each model file's LORA_FORMAT says which it
 - kohya / sd-scripts: `lora_unet_<module path with _>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`
 - diffusers / PEFT: `transformer.<module path>.lora_A.weight`, `.lora_B.weight` (alpha folded or in metadata)
 - ComfyUI "original": `diffusion_model.<module path>.lora_A.weight`, `.lora_B.weight` (optional `.alpha`)
+`load` reads those, OneTrainer's and SimpleTuner's (`lora_transformer_`, `lycoris_`), the text encoders' keys (kohya's
+`lora_te1_`..., diffusers' `text_encoder.`), and besides LoRA what ComfyUI applies: DoRA magnitudes, LoKr, LoHa and
+full `.diff` / `.diff_b` changes. A model file gives the pipeline's parts and alias maps for names it does not have
+itself (another tool's names for fused or reordered layers); everything else happens here.
 """
 
 import fnmatch
