@@ -311,6 +311,40 @@ def test_flux_trained_lora_loads_in_diffusers(flux1_repo, tmp_path):
     again = flux1.load(root, dtype=torch.float32)
     again.load_lora(path)
     assert rel(flux_velocity_both(again, refs["transformer"])[0], ours) < 1e-6
+    # The default bf16 file: diffusers and we read the same rounded weights.
+    lora.save(pipe.transformer, tmp_path / "bf16.safetensors", flux1.LORA_FORMAT)
+    ref_pipe = diffusers_flux_pipeline({**refs, "transformer": _fresh_flux_ref(refs)})
+    ref_pipe.load_lora_weights(tmp_path / "bf16.safetensors")
+    bf16 = flux1.load(root, dtype=torch.float32)
+    bf16.load_lora(tmp_path / "bf16.safetensors")
+    ours, theirs = flux_velocity_both(bf16, ref_pipe.transformer)
+    assert rel(ours, theirs) < 1e-5 and rel(theirs, base) > 1e-2
+
+
+def test_diffusers_saved_alpha_in_the_header(flux1_repo, tmp_path):
+    """diffusers' save_lora_weights keeps PEFT's lora_alpha (and alpha_pattern) in the `lora_adapter_metadata` header,
+    not in the tensors; load_lora_weights scales by it, and so must we."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+
+    root, refs = flux1_repo
+    config = LoraConfig(
+        r=2, lora_alpha=6, target_modules=FLUX_DIFFUSERS_TARGETS, alpha_pattern={"ff.net.2": 1}, init_lora_weights=False
+    )
+    _, sd = peft_model(config, refs["transformer"], seed=9)
+    FluxPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config.to_dict()
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        assert "lora_adapter_metadata" in f.metadata()
+    ref_pipe = diffusers_flux_pipeline({**refs, "transformer": _fresh_flux_ref(refs)})
+    ref_pipe.load_lora_weights(path)
+    pipe = flux1.load(root, dtype=torch.float32)
+    pipe.load_lora(path, strict=True)
+    ours, theirs = flux_velocity_both(pipe, ref_pipe.transformer)
+    assert rel(ours, theirs) < 1e-5
+    assert rel(theirs, flux_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
 
 
 @pytest.mark.slow
