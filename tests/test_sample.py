@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import TOKENIZERS
 from PIL import Image
 
 import sample
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel
+from fakes import diffusers_zimage_pipeline, rel
 from PIL import Image
 from safetensors.torch import load_file
 
 import lora
 import train
 import zimage
-
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 SIZES = [(80, 64), (64, 96), (128, 128), (96, 64), (72, 72), (64, 80)]  # (width, height): several aspect ratios
 
