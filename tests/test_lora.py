@@ -754,7 +754,7 @@ def test_zimage_full_diffs_final_layer_and_text_encoder(zimage_repo, tmp_path, c
     ours, theirs = zimage_velocity_both(pipe, ref)
     assert rel(ours, theirs) < 1e-5
     assert rel(theirs, zimage_velocity_both(pipe, refs["transformer"])[1]) > 1e-2
-    ids, mask = torch.randint(0, 5000, (2, 9), generator=g), torch.ones(2, 9, dtype=torch.long)
+    ids, mask = torch.randint(0, 700, (2, 9), generator=g), torch.ones(2, 9, dtype=torch.long)
     layer = len(pipe.text_encoder.layers)
     with torch.no_grad():
         (hidden,) = pipe.text_encoder(ids, mask, [layer])
