@@ -546,7 +546,7 @@ def export_lora(path: Path, transformer, module, variant: str, names: list[str],
     import lora
 
     metadata = {
-        **module.LORA_METADATA,  # what kohya's trainers write, read by other tools
+        **getattr(module, "LORA_METADATA", {}),  # what kohya's trainers write, read by other tools
         "modelspec.title": path.stem,
         "modelspec.resolution": f"{args.resolution[0]}x{args.resolution[0]}",
         "base_model": variant,
