@@ -1135,9 +1135,19 @@ LORA_TARGETS = [  # attention and MLP of every block; modulation, embeddings and
 LORA_FORMAT = "comfy"  # diffusion_model.<official Wan name>: ai-toolkit's convention, loaded by ComfyUI and diffusers
 
 
-def diffusers_names(model: nn.Module) -> list[str]:
-    """The diffusers module path of each module (to read OneTrainer's and diffusers-kohya's underscored LoRA keys)."""
-    return [rename(n, DIT_TO_DIFFUSERS) for n, _ in model.named_modules() if n]
+# What musubi-tuner writes for every Wan DiT LoRA, Wan2.2 included (its utils/sai_model_spec.py).
+LORA_METADATA = {
+    "modelspec.architecture": "wan2.1/lora",
+    "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2",
+}
+
+
+def lora_aliases(model: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """diffusers' names of the DiT's modules and parameters -> the official ones (lora.route), one to one: LoRA files
+    written against diffusers' WanTransformer3DModel (PEFT, OneTrainer, diffusers-kohya)."""
+    whole = slice(None)
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    return {alias: [(n, whole, whole)] for n in names if (alias := rename(n, DIT_TO_DIFFUSERS)) != n}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1297,13 +1307,12 @@ class WanPipeline:
             context = context.expand(b, -1, -1)
         return self.transformer(x, t, context)
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
         """Apply a LoRA file (ComfyUI `diffusion_model.blocks...`, kohya/musubi `lora_unet_blocks_...`, diffusers/PEFT
-        `transformer.blocks...` keys) to the DiT at `scale`; returns the layers it touched. Several files stack."""
-        model = self.transformer
-        names = [n for n, _ in model.named_modules()] + diffusers_names(model)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(model, {rename(k, DIT_FROM_DIFFUSERS): v for k, v in pairs.items()}, scale)
+        `transformer.blocks...`, OneTrainer keys; see lora.py) to the DiT (and umT5) at `scale`; returns the layers it
+        changed. Several files stack. What cannot be applied is named in a warning, or with `strict` a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        return lora.load(path, components, scale, {"transformer": lora_aliases(self.transformer)}, strict)
 
     def training_kwargs(self) -> dict:
         return {}

@@ -414,9 +414,10 @@ def test_trained_lora_loads_in_diffusers(wan22_repo, refs, tmp_path):
         for p in lora.lora_parameters(pipe.transformer):
             p.normal_(0, 0.3)
     path = tmp_path / "wan_lora.safetensors"
-    lora.save(pipe.transformer, path, wan22.LORA_FORMAT)
+    lora.save(pipe.transformer, path, wan22.LORA_FORMAT, wan22.LORA_METADATA, dtype=torch.float32)
     with safe_open(path, "pt") as f:
         assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in f.keys()
+        assert f.metadata()["modelspec.architecture"] == "wan2.1/lora"
     ref = WanPipeline(
         tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=copy.deepcopy(refs["transformer"])
     )
