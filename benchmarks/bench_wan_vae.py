@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--frames", type=int, default=5, help="latent frames of the memory runs")
     ap.add_argument("--threads", type=int, default=1, help="threads of the memory runs")
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "wan-vae-bench"))
+    ap.add_argument("--memory-only", action="store_true", help="skip the timing comparison")
     args = ap.parse_args()
     torch.set_num_threads(1)
     folder = Path(args.dir)
@@ -113,7 +114,8 @@ def main():
         ref.save_pretrained(folder / "vae")
         torch.save(wan22.vae_from_diffusers(ref.state_dict()), folder / "Wan2.2_VAE.pth")
         (folder / "done").write_text("ok")
-    time_decode(ref, wan22.load_vae(folder / "Wan2.2_VAE.pth"), args)
+    if not args.memory_only:
+        time_decode(ref, wan22.load_vae(folder / "Wan2.2_VAE.pth"), args)
     del ref
 
     child = CHILD.format(root=str(ROOT), bench=str(Path(__file__).parent), threads=args.threads)
