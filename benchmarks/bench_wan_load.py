@@ -48,7 +48,7 @@ else:
     model = WanTransformer3DModel.from_pretrained(folder + "/transformer", torch_dtype=torch.bfloat16)
 t_load = time.perf_counter() - t0
 with torch.no_grad():
-    total = sum(p.float().sum().item() for p in model.parameters())  # touch every weight once
+    total = sum(p.sum().item() for p in model.parameters())  # touch every weight once (no float copy)
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 bf16 = sum(p.numel() * 2 for p in model.parameters())
 print(json.dumps(dict(load_s=t_load, rss_after=current_rss_bytes() - base, peak=peak_rss_bytes() - base,
@@ -113,14 +113,15 @@ def main():
             results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     fp32 = sum(p.stat().st_size for p in folder.glob("diffusion_pytorch_model-*.safetensors"))
     bf16 = results["ours"][0]["bf16"]
-    print(f"checkpoint: {fp32 / 2**30:.2f} GiB float32 on disk, {bf16 / 2**30:.2f} GiB in bf16", end="; ")
+    print(f"checkpoint: {fp32 / 2**30:.2f} GiB float32 on disk, {bf16 / 2**30:.2f} GiB all in bf16", end="; ")
     print(f"median of {args.repeats} fresh processes")
     for side, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
-            f"{side:9s}: load {med['load_s']:.2f} s, weights {med['weights'] / 2**30:.2f} GiB, "
-            f"peak RSS {med['peak'] / 2**30:.2f} GiB = {med['peak'] / bf16:.2f}x the bf16 size "
-            f"(target <= 1.1), RSS after {med['rss_after'] / bf16:.2f}x"
+            f"{side:9s}: load {med['load_s']:.2f} s, loaded weights {med['weights'] / 2**30:.2f} GiB, "
+            f"peak RSS {med['peak'] / 2**30:.2f} GiB = {med['peak'] / bf16:.2f}x the all-bf16 size "
+            f"({med['peak'] / med['weights']:.2f}x the loaded weights; target <= 1.1), RSS after "
+            f"{med['rss_after'] / med['weights']:.2f}x"
         )
 
 
