@@ -44,7 +44,8 @@ def main():
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight count anyway
         for p in ref.parameters():
             p.normal_(0, 0.02)
-    official = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in ref.state_dict().items()}
+    base = {k: v.clone() for k, v in ref.state_dict().items()}  # each dtype starts from these fp32 values
+    official = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in base.items()}
     params = sum(p.numel() for p in ref.parameters())
 
     x = torch.randn(1, 48, 4, 24, 64)
@@ -59,6 +60,7 @@ def main():
             ours = wan22.WanModel(wan22.wan_params(official, {"num_heads": 24}))
         cast = {k: v.to(torch.float32 if wan22.keeps_fp32(k) else dtype) for k, v in official.items()}
         ours = wan22.load_into(ours, cast, "benchmark").eval()
+        ref.load_state_dict(base)
         ref.to(dtype)
         for module_name in ref._keep_in_fp32_modules:
             for n, m in ref.named_modules():
