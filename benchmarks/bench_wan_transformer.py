@@ -60,7 +60,7 @@ def main():
             ours = wan22.WanModel(wan22.wan_params(official, {"num_heads": 24}))
         cast = {k: v.to(torch.float32 if wan22.keeps_fp32(k) else dtype) for k, v in official.items()}
         ours = wan22.load_into(ours, cast, "benchmark").eval()
-        ref.load_state_dict(base)
+        ref.float().load_state_dict(base)  # (load_state_dict copies into the current dtype)
         ref.to(dtype)
         for module_name in ref._keep_in_fp32_modules:
             for n, m in ref.named_modules():
