@@ -5,16 +5,20 @@
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
     python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
     python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
+    python sample.py flux1 "a tiger" --invert cat.jpg --eta 0.9 --stop 7   # RF-inversion edit of a photo
+    python sample.py flux1 "a cosy room" --image ref.png --image-scale 0.2  # FLUX.1 Redux image prompt
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
 
 import argparse
 import importlib
+import inspect
 import json
 import random
 import sys
 import time
+import typing
 from pathlib import Path
 
 FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
@@ -71,14 +75,23 @@ def parse_lora(text: str) -> tuple[Path, float]:
         return Path(text), 1.0  # a colon that is part of the path
 
 
-def check_image(path: str):
+def parse_number(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected a number") from None
+
+
+def check_image(path: str, flag: str = "--init-image"):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {flag} {path}: {e}") from None
 
 
 def pick_device(name: str | None) -> str:
@@ -149,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
     )
+    p.add_argument("--invert", metavar="IMAGE", help="edit this photo by RF-inversion towards the prompt (edit.py)")
+    p.add_argument("--gamma", help="RF-inversion: pull of the inversion towards fresh noise, 0..1 (default 0.5)")
+    p.add_argument("--eta", help="RF-inversion: pull of the edit back towards the photo, 0..1 (default 0.9)")
+    p.add_argument("--start", help="RF-inversion: first step of the pull, in steps of 28 (default 0)")
+    p.add_argument("--stop", help="RF-inversion: step where the pull ends, in steps of 28 (default 7)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="reference image for the model (FLUX.1: a Redux image prompt); repeatable",
+    )
+    p.add_argument("--image-scale", help="FLUX.1 Redux: multiply the image tokens (e.g. 0.2 weakens the image)")
+    p.add_argument("--text-scale", help="FLUX.1 Redux: multiply the T5 tokens (> 1 strengthens the text)")
+    p.add_argument("--redux", metavar="DIR", help="FLUX.1 Redux weights folder (default: download the Redux repo)")
     p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
     p.add_argument(
         "--offload",
@@ -182,8 +209,22 @@ def run(args) -> int:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
     height, width = parse_size(args.size, module.PIXELS_PER_TOKEN) if args.size else (None, None)
     guidance = parse_guidance(args.guidance)
-    if args.init_image:
-        check_image(args.init_image)
+    pictures = [(args.init_image, "--init-image"), (args.invert, "--invert"), *((i, "--image") for i in args.image)]
+    for path, flag in pictures:
+        if path:
+            check_image(path, flag)
+    edit_args = {k: parse_number(getattr(args, k), f"--{k}") for k in ("gamma", "eta", "start", "stop")}
+    if not args.invert and any(v is not None for v in edit_args.values()):
+        raise UsageError("--gamma, --eta, --start and --stop set up --invert")
+    if args.invert:
+        import edit
+
+        edit_args = {k: getattr(edit, k.upper()) if v is None else v for k, v in edit_args.items()}  # the defaults
+        edit.check_settings(**edit_args)
+    if args.invert and args.solver not in (None, "euler"):
+        raise UsageError("--invert integrates RF-inversion's controlled ODEs with Euler steps; drop --solver")
+    if args.invert and (args.init_image or args.cfg is not None or args.negative):
+        raise UsageError("--invert edits its own photo without true CFG: drop --init-image, --cfg and --negative")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
@@ -194,6 +235,23 @@ def run(args) -> int:
     for path, _ in loras:
         if not path.is_file():
             raise UsageError(f"--lora {path}: no such file")
+
+    # Options only some families have (Z-Image's official CFG truncation/normalisation, reference images) are passed
+    # only when given, and only to a generate() that takes them.
+    options = {
+        "cfg_truncation": ("--cfg-truncation", args.cfg_truncation),
+        "cfg_normalization": ("--cfg-normalization", args.cfg_normalization),
+        "images": ("--image", args.image or None),
+        "image_scale": ("--image-scale", parse_number(args.image_scale, "--image-scale")),
+        "text_scale": ("--text-scale", parse_number(args.text_scale, "--text-scale")),
+        "redux": ("--redux", args.redux),
+    }
+    extra = {k: v for k, (_, v) in options.items() if v is not None}
+    # The pipeline class, from load()'s annotation: checked before minutes of loading.
+    accepted = inspect.signature(typing.get_type_hints(module.load)["return"].generate).parameters
+    for key in extra:
+        if key not in accepted or args.invert:
+            raise UsageError(f"{'--invert' if args.invert else args.model} does not take {options[key][0]}")
 
     import torch
 
@@ -223,12 +281,6 @@ def run(args) -> int:
     d = pipe.defaults
     written = []
     index = next_index(out)
-    # Options only some families have (Z-Image's official CFG truncation/normalisation) are passed only when given.
-    extra = {
-        k: v
-        for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
-        if v is not None
-    }
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
     for prompt, image_seed in jobs:
         settings = {
@@ -251,22 +303,37 @@ def run(args) -> int:
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
-        settings.update(extra)
-        (image,) = pipe.generate(
-            prompt,
-            height=height,
-            width=width,
-            steps=args.steps,
-            solver=args.solver,
-            guidance=guidance,
-            cfg=args.cfg,
-            negative_prompt=args.negative,
-            seed=image_seed,
-            init_image=args.init_image,
-            strength=args.strength,
-            progress=not args.quiet,
-            **extra,
-        )
+        settings.update({k: ", ".join(v) if k == "images" else v for k, v in extra.items()})
+        if args.invert:
+            settings.update(invert=args.invert, steps=args.steps or edit.STEPS, solver="euler", cfg=None, **edit_args)
+            (image,) = edit.edit(
+                pipe,
+                args.invert,
+                prompt,
+                steps=settings["steps"],
+                **edit_args,
+                guidance=guidance,
+                seed=image_seed,
+                height=height,
+                width=width,
+                progress=not args.quiet,
+            )
+        else:
+            (image,) = pipe.generate(
+                prompt,
+                height=height,
+                width=width,
+                steps=args.steps,
+                solver=args.solver,
+                guidance=guidance,
+                cfg=args.cfg,
+                negative_prompt=args.negative,
+                seed=image_seed,
+                init_image=args.init_image,
+                strength=args.strength,
+                progress=not args.quiet,
+                **extra,
+            )
         settings["size"] = f"{image.width}x{image.height}"
         path = out / f"{index:05d}-{image_seed}.png"
         save_png(image, path, settings)

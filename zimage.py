@@ -594,6 +594,20 @@ class ZImagePipeline:
         # Z-Image's time is 1 - sigma and its output is x0 - noise: both flipped into the shared convention here.
         return -self.transformer(x, 1 - sigma, caps).float()
 
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """The schedule generate() samples on (for samplers outside it, e.g. edit.py); the size does not matter."""
+        return schedule(steps, self.defaults.shift)
+
+    def sampling_kwargs(self, guidance=None) -> dict:
+        if guidance is not None:
+            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        return {}
+
+    def null_condition(self, n: int = 1) -> dict[str, list[Tensor]]:
+        """The unconditional condition (RF-inversion's null text, edit.py): the empty prompt's features, as Z-Image's
+        classifier-free guidance uses."""
+        return self.encode_prompt([""] * n)
+
     def load_lora(self, path, scale: float = 1.0) -> list[str]:
         """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi or diffusers/PEFT keys) to the transformer at
         `scale`; returns the layers it touched. Several files stack."""
@@ -632,8 +646,7 @@ class ZImagePipeline:
         arguments). cfg is the official guidance scale w: v = v_c + w (v_c - v_u), 0 = off. cfg_truncation: no CFG
         once Z-Image time 1 - sigma exceeds it (official option; 1.0 = never). cfg_normalization k > 0: rescale the
         guided velocity so its norm is at most k times the conditional one's (official option)."""
-        if guidance is not None:
-            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        self.sampling_kwargs(guidance)  # refuses a distilled guidance
         d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
         cfg = d.cfg if cfg is None else cfg
