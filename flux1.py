@@ -1127,9 +1127,9 @@ class SiglipPreprocess:
     @classmethod
     def from_file(cls, path) -> "SiglipPreprocess":
         c = json.loads(Path(path).read_text())
-        if c.get("do_center_crop") or not c.get("do_resize", True) or "height" not in c.get("size", {"height": 0}):
-            raise ValueError(f"{path}: only a plain resize to a fixed height x width is supported")
         size = c.get("size", {"height": 384, "width": 384})
+        if c.get("do_center_crop") or not c.get("do_resize", True) or not {"height", "width"} <= size.keys():
+            raise ValueError(f"{path}: only a plain resize to a fixed height x width is supported")
         return cls(
             size=(size["height"], size["width"]),
             resample=c.get("resample", cls.resample),
