@@ -13,9 +13,11 @@ Two controlled ODEs, integrated with Euler steps on the family's own sampling sc
 
 The paper writes the reverse pass in its own time t = 1 - sigma, with the velocity -v and the target (y0 - X) / (1 - t);
 the sign flips cancel, which tests/test_edit.py checks step by step. gamma = 0 is the plain ODE inversion, eta = 0
-plain sampling from the inverted latent; gamma = 1 lands exactly on y1 and eta = 1 on every step exactly on y0.
+plain sampling from the inverted latent; gamma = 1 lands exactly on y1 and eta = 1 on every step exactly on y0. For
+any gamma > 0 the exact (continuous) controlled ODE ends at y1 too, since Y - y1 decays like sigma's distance to 1 to
+the power gamma; what the inverted latent keeps of the image is what the schedule's finite last steps leave.
 
-Defaults are the authors' FLUX.1 settings (their README and demo, github.com/LituRout/RF-Inversion): 28 steps,
+Defaults are the authors' FLUX.1 settings (the example in their README, github.com/LituRout/RF-Inversion): 28 steps,
 gamma 0.5, eta 0.9 on steps [0, 7) of 28. The paper tabulates its start/stop times in steps of a 28-step schedule;
 `start` and `stop` here are in those units and scale with `steps`. diffusers' community pipeline
 (examples/community/pipeline_flux_rf_inversion.py) has 28 steps and gamma 0.5 as defaults, eta 1.0 as its argument
@@ -23,9 +25,12 @@ default (0.9 in its example), start 0 and stop 0.25 as fractions of the schedule
 guidance 0 with the empty prompt; here the inversion uses the family's null condition (`pipe.null_condition`) and the
 same velocity arguments as the edit, as the reference implementation (gau-nernst/rectified-flow) does.
 
-Unlike the reference implementation, nothing here knows a model: the velocity, the schedule (`pipe.sigmas`), the
-null condition and the sampling arguments (`pipe.sampling_kwargs`) come from the pipeline, and the noise is drawn
-in float32 from a seeded CPU generator like every other sampler in the project.
+The reference implementation (rf_inversion_flux.py) no longer runs: it calls its FLUX.1 model with a stale argument
+order, and hard-codes 16 latent channels, 8x downsampling, "cuda" and bf16 noise; its `start_t` also cuts the start
+off the whole schedule rather than starting the controller late. Here nothing knows a model: the velocity, the
+schedule (`pipe.sigmas`), the null condition and the sampling arguments (`pipe.sampling_kwargs`) come from the
+pipeline, the noise is drawn in float32 from a seeded CPU generator like every other sampler in the project, and the
+controller is on for the steps [start, stop) of the full schedule, as in the paper.
 """
 
 import importlib
