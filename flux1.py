@@ -721,8 +721,7 @@ class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
-        if sum(p.axes_dim) != p.hidden_size // p.num_heads:
-            raise ValueError(f"axes_dim {p.axes_dim} must sum to head_dim {p.hidden_size // p.num_heads}")
+        check_rope_axes(p.axes_dim, p.hidden_size // p.num_heads)
         self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
@@ -763,8 +762,19 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
-    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks)."""
+def check_rope_axes(axes_dim, head_dim: int, source: str = "axes_dim"):
+    """RoPE rotates channel pairs, axis by axis: every axis needs an even width and together they cover the head."""
+    if any(d <= 0 or d % 2 for d in axes_dim) or sum(axes_dim) != head_dim:
+        raise ValueError(
+            f"RoPE axes {tuple(axes_dim)} ({source}) are invalid for head_dim {head_dim}: each must be a positive even "
+            f"number and they must sum to {head_dim}; give them in the repo's transformer/config.json "
+            '("axes_dims_rope")'
+        )
+
+
+def flux_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> FluxParams:
+    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks). The RoPE
+    split of the head is not in the weights: `axes_dim` (from the repo's transformer/config.json) or FLUX.1's."""
     hidden, in_channels = sd["img_in.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
     depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
@@ -776,8 +786,12 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         head_dim = sd["single_blocks.0.norm.query_norm.scale"].shape[0]
         mlp_hidden = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
         qkv_bias = True
-    # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); smaller test models keep the ratios.
-    axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+    if axes_dim is None:
+        # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); other widths keep the ratios.
+        axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+        check_rope_axes(axes_dim, head_dim, source="inferred from FLUX.1's 16:56:56 split")
+    else:
+        check_rope_axes(axes_dim, head_dim, source="transformer/config.json")
     return FluxParams(
         in_channels=in_channels,
         vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
@@ -787,13 +801,14 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single_blocks=depth_single,
-        axes_dim=axes_dim,
+        axes_dim=tuple(axes_dim),
         qkv_bias=qkv_bias,
         guidance_embed="guidance_in.in_layer.weight" in sd,
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
     sd = read_weights(path)
     # Single files saved by ComfyUI-style tools (Flex.1-alpha) put every key under `model.diffusion_model.`.
     prefix = "model.diffusion_model."
@@ -802,7 +817,7 @@ def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.1 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):
-        model = Flux(flux_params_from_state_dict(sd))
+        model = Flux(flux_params_from_state_dict(sd, axes_dim))
     return load_into(model, sd, path).to(device, dtype).eval().requires_grad_(False)
 
 
@@ -1240,6 +1255,12 @@ LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay fro
     "single_blocks.*.linear2",
 ]
 LORA_FORMAT = "kohya"  # lora_unet_<BFL name>: what kohya/ai-toolkit write for FLUX.1, loaded by ComfyUI and diffusers
+# What kohya's sd-scripts writes for FLUX.1 LoRAs (library/sai_model_spec.py, flux_utils.MODEL_VERSION_FLUX_V1).
+LORA_METADATA = {
+    "ss_base_model_version": "flux1",
+    "modelspec.architecture": "flux-1-dev/lora",
+    "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+}
 
 # diffusers' FluxTransformer2DModel names -> BFL names (diffusers' single-file converter, inverted). Projections that
 # BFL fuses are listed in order of their concatenation.
@@ -1282,47 +1303,41 @@ DIFFUSERS_FUSED_DOUBLE = {
 DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 
 
-def diffusers_names(params: FluxParams) -> list[str]:
-    """Every diffusers module path of a model with these params (to read OneTrainer/PEFT/kohya-diffusers LoRAs)."""
-    names = list(DIFFUSERS_TOP)
-    for i in range(params.depth):
-        parts = [*DIFFUSERS_DOUBLE, *sum(DIFFUSERS_FUSED_DOUBLE.values(), [])]
-        names += [f"transformer_blocks.{i}.{n}" for n in parts]
-    for i in range(params.depth_single_blocks):
-        parts = [*DIFFUSERS_SINGLE, *sum(DIFFUSERS_FUSED_SINGLE.values(), [])]
-        names += [f"single_transformer_blocks.{i}.{n}" for n in parts]
-    return names
+def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]]:
+    """diffusers' names of FLUX.1's layers, as PEFT, SimpleTuner, OneTrainer and DiffSynth files use them -> rows of
+    ours (lora.route): q, k, v (and the single blocks' MLP input) take their rows of BFL's fused linear, and the final
+    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale)."""
+    h, mlp, whole = params.hidden_size, int(params.hidden_size * params.mlp_ratio), slice(None)
+    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
+    final = DIFFUSERS_TOP["norm_out.linear"]
+    aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
+    blocks = [
+        (f"transformer_blocks.{i}", f"double_blocks.{i}", DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
+        for i in range(params.depth)
+    ]
+    blocks += [
+        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE)
+        for i in range(params.depth_single_blocks)
+    ]
+    for theirs, ours, renames, fused in blocks:
+        aliases |= {f"{theirs}.{name}": [(f"{ours}.{to}", whole, whole)] for name, to in renames.items()}
+        for to, parts in fused.items():
+            start = 0
+            for name, size in zip(parts, [h, h, h, mlp]):  # q, k, v (, mlp) in the order BFL concatenates them
+                aliases[f"{theirs}.{name}"] = [(f"{ours}.{to}", whole, slice(start, start + size))]
+                start += size
+    return aliases
 
 
-def lora_to_bfl(pairs: dict, params: FluxParams) -> dict:
-    """LoRA pairs named like diffusers' modules -> BFL names; q/k/v (and the single blocks' MLP input) are fused
-    exactly into one LoRA of the fused linear. Pairs already in BFL names pass through."""
-    out, fused = {}, {}
-    for name, pair in pairs.items():
-        if name in DIFFUSERS_TOP:
-            if name == "norm_out.linear":
-                raise ValueError("LoRAs on norm_out.linear (final adaLN) are not supported")
-            out[DIFFUSERS_TOP[name]] = pair
-        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", name):
-            single, i, rest = m[1], m[2], m[3]
-            renames, groups = (
-                (DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE) if single else (DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
-            )
-            block = f"{'single' if single else 'double'}_blocks.{i}"
-            if rest in renames:
-                out[f"{block}.{renames[rest]}"] = pair
-                continue
-            target = next((t for t, srcs in groups.items() if rest in srcs), None)
-            if target is None:
-                raise ValueError(f"LoRA module {name} has no FLUX.1 counterpart")
-            fused.setdefault(f"{block}.{target}", {})[groups[target].index(rest)] = pair
-        else:
-            out[name] = pair
-    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
-    for name, parts in fused.items():
-        sizes = [h, h, h, mlp] if name.endswith("linear1") else [h, h, h]
-        out[name] = lora.fuse([parts.get(i) for i in range(len(sizes))], sizes)
-    return out
+def clip_lora_aliases(clip: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """CLIP's layer names as transformers >= 5 writes them, without the "text_model." prefix that FLUX.1's checkpoint,
+    kohya's lora_te1_ keys and older diffusers files have (and our module keeps)."""
+    whole = slice(None)
+    return {
+        n.removeprefix("text_model."): [(n, whole, whole)]
+        for n, _ in clip.named_modules()
+        if n.startswith("text_model.")
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1346,22 +1361,34 @@ def locate(name_or_path, variant: str | None, variants: dict, family: str, detec
     raise ValueError(f"unknown {family} variant {name_or_path!r}; choose one of {', '.join(variants)} or a folder")
 
 
-def download(repo: str, patterns: list[str], gated: bool, local: str = "sample.py/train.py --weights DIR") -> Path:
+def download(repo: str, patterns: list[str], gated: bool, local: str = "--weights DIR") -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # network, auth and gating errors all end here with one actionable line
-        hint = (
-            f" {repo} is gated: accept its licence on https://huggingface.co/{repo}, then run `hf auth login`"
-            " (or set HF_TOKEN)."
-            if gated
-            else ""
-        )
-        raise FileNotFoundError(
-            f"could not download {repo} ({type(e).__name__}).{hint} Or use a local copy laid out like the repo "
-            f"({local})."
-        ) from None
+        raise FileNotFoundError(download_failure(repo, e, gated, local)) from None
+
+
+def download_failure(repo: str, error: Exception, gated: bool, local: str = "--weights DIR") -> str:
+    """One line: that the download failed, why (as far as the Hub's exception tells), then what to do."""
+    name = type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    login = "log in once with `hf auth login` (or set HF_TOKEN)"
+    licence = f"accept the licence on https://huggingface.co/{repo}"
+    if name == "GatedRepoError" or (gated and status in (401, 403)):
+        why = "access denied: the repo is gated and you are not logged in or have not accepted its licence"
+        fix = f"{licence}, then {login}"
+    elif name == "RepositoryNotFoundError" or status == 401:
+        why, fix = "the repo was not found or needs a login", f"check the name, {login}"
+    elif name in ("LocalEntryNotFoundError", "ConnectionError", "ConnectError", "Timeout", "OfflineModeIsEnabled"):
+        why, fix = "no connection to huggingface.co and the files are not in the local cache", "check the network"
+    else:
+        why = f"{name}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        fix = f"{licence} and {login}" if gated else "try again"
+    return (
+        f"could not download {repo} ({why}). To fix: {fix}; or pass a local copy laid out like the repo with {local}."
+    )
 
 
 def detect_variant(root: Path) -> str:
@@ -1372,8 +1399,18 @@ def detect_variant(root: Path) -> str:
 
 
 def component_files(v: Variant) -> list[str]:
-    files = [v.transformer_file, "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
-    return files + ([v.ae_file] if v.ae_file else ["vae/*"])
+    files = [v.transformer_file, "transformer/config.json", "text_encoder/*", "text_encoder_2/*", "tokenizer/*"]
+    return files + ["tokenizer_2/*"] + ([v.ae_file] if v.ae_file else ["vae/*"])
+
+
+def repo_axes_dim(root: Path):
+    """The RoPE split the repo states in its diffusers `transformer/config.json` ("axes_dims_rope"), if it has one:
+    the only hyper-parameter the BFL file's shapes cannot tell."""
+    config = root / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    axes = read_config(config.parent).get("axes_dims_rope")
+    return tuple(int(a) for a in axes) if axes is not None else None
 
 
 def find_transformer_file(root: Path, v: Variant) -> Path:
@@ -1385,23 +1422,39 @@ def find_transformer_file(root: Path, v: Variant) -> Path:
     raise FileNotFoundError(f"{root}: expected the transformer file {v.transformer_file} (BFL format)")
 
 
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's `disable`: progress bars only on a terminal (None = off when not a TTY), never with progress=False."""
+    return None if progress else True
+
+
+def loading_bar(variant: str, parts: int, progress: bool) -> tqdm:
+    """A progress bar over a pipeline's parts while they load (and move to the device): shared by the model files."""
+    return tqdm(total=parts, desc=f"loading {variant}", disable=bar_disabled(progress), unit="part", leave=False)
+
+
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "Flux1Pipeline":
     """Load the whole pipeline from a variant name (downloads from Hugging Face) or a folder laid out like the repo:
     `<transformer>.safetensors`, `ae.safetensors` (or `vae/`), `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
-    `tokenizer_2/`."""
+    `tokenizer_2/`. progress: show a bar over the parts."""
     root, variant = locate(name_or_path, variant, VARIANTS, "FLUX.1", detect_variant, component_files)
     v = VARIANTS[variant]
-    transformer = load_transformer(find_transformer_file(root, v), device, dtype)
+    transformer_file = find_transformer_file(root, v)
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as ae.safetensors or a diffusers vae/ folder")
-    ae = load_ae(ae_path, device, dtype)
     clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt")
     t5_tokenizer = T5Tokenizer(root / "tokenizer_2" / "tokenizer.json")
-    clip = load_clip(root / "text_encoder", device, dtype)
-    t5 = load_t5(root / "text_encoder_2", device, dtype)
+    with loading_bar(variant, 4, progress) as bar:
+        transformer = load_transformer(transformer_file, device, dtype, repo_axes_dim(root))
+        bar.update()
+        ae = load_ae(ae_path, device, dtype)
+        bar.update()
+        clip = load_clip(root / "text_encoder", device, dtype)
+        bar.update()
+        t5 = load_t5(root / "text_encoder_2", device, dtype)
+        bar.update()
     return Flux1Pipeline(transformer, ae, clip, t5, clip_tokenizer, t5_tokenizer, variant)
 
 
@@ -1513,11 +1566,12 @@ def run_sampler(pipe, velocity_fn, n, height, width, sigmas, solver, seed, noise
         sigmas = sigmas[int(steps - min(steps * strength, steps)) :]
         x0 = pipe.encode(init.to(device)).expand(n, -1, -1, -1)
         x = torch.lerp(x0.float(), x, sigmas[0])
-    with tqdm(total=len(sigmas) - 1, disable=not progress, desc=pipe.variant) as bar:
+    with tqdm(total=len(sigmas) - 1, disable=bar_disabled(progress), desc=pipe.variant, unit="step") as bar:
         x = solvers.SOLVERS[solver](velocity_fn, x, sigmas, callback=lambda *_: bar.update())
-    if output == "latent":
-        return x
-    pixels = pipe.decode(x)
+        if output == "latent":
+            return x
+        bar.set_postfix_str("decoding")  # the VAE decode is one more silent phase at large sizes
+        pixels = pipe.decode(x)
     return pixels if output == "pt" else to_pil(pixels)
 
 
@@ -1606,13 +1660,13 @@ class Flux1Pipeline:
         txt = torch.zeros(n, self.t5_tokenizer.max_length, self.t5.config.d_model, device=t5.device, dtype=t5.dtype)
         return {"txt": txt, "vec": torch.zeros(n, self.clip.config.hidden_size, device=t5.device, dtype=t5.dtype)}
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (kohya, diffusers/PEFT or ComfyUI keys) to the transformer at `scale`; returns the
-        layers it touched. Several files stack."""
-        params = self.transformer.params
-        names = [n for n, _ in self.transformer.named_modules()] + diffusers_names(params)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, lora_to_bfl(pairs, params), scale)
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (kohya, diffusers/PEFT, ComfyUI, LyCORIS keys; see lora.py) to the transformer and text
+        encoders at `scale`; returns the layers it changed. Several files stack. What cannot be applied is named in a
+        warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5}
+        aliases = {"transformer": lora_aliases(self.transformer.params), "text_encoder": clip_lora_aliases(self.clip)}
+        return lora.load(path, components, scale, aliases, strict)
 
     def training_kwargs(self) -> dict:
         """Extra velocity() arguments while training: FLUX.1-dev trains at guidance 1.0, Flex.1-alpha with the

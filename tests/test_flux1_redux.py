@@ -240,19 +240,24 @@ def test_cli_image_prompts(flux1_repo, redux_repo, zimage_repo, tmp_path):
     assert not np.array_equal(np.asarray(with_images), np.asarray(plain))
 
 
-def test_cli_image_bad_input_gets_one_line(flux1_repo, zimage_repo, tmp_path, monkeypatch):
+def test_cli_image_bad_input_gets_one_line(flux1_repo, zimage_repo, tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref.png"
     pictures()[0].save(ref)
-    common = tiny_run(flux1_repo[0], seed=0)
-    one_line_error(cli(*common, "--image", __file__), "cannot read --image")
-    one_line_error(
-        cli(*common, "--image", ref, "--image-scale", "a fifth"), "--image-scale 'a fifth': expected a number"
-    )
-    one_line_error(cli(*common, "--image", ref, "--text-scale", "x2"), "--text-scale 'x2': expected a number")
-    one_line_error(cli(*common, "--image", ref, "--redux", tmp_path), "expected FLUX.1 Redux weights")
-    zimage_run = ["zimage", "x", "--weights", zimage_repo[0], "--size", "32x32", "--steps", "1", "--device", "cpu"]
-    one_line_error(cli(*zimage_run, "--image", ref), "zimage does not take --image")
+    common = [*tiny_run(flux1_repo[0], seed=0), "--out", str(tmp_path / "out")]
+    zimage_run = ["zimage", "x", "--weights", str(zimage_repo[0]), "--steps", "1", "--device", "cpu"]
+    for args, needle in [
+        ([*common, "--image", __file__], "cannot read --image"),
+        ([*common, "--image", ref, "--image-scale", "a fifth"], "--image-scale 'a fifth': expected a finite number"),
+        ([*common, "--image", ref, "--text-scale", "inf"], "--text-scale 'inf': expected a finite number"),
+        ([*common, "--image", ref, "--redux", tmp_path], "expected FLUX.1 Redux weights"),
+        ([*zimage_run, "--image", ref], "zimage does not take --image"),
+        ([*zimage_run, "--image-scale", "0.2"], "zimage does not take --image-scale"),
+    ]:
+        assert sample.main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
     # No --redux: the gated Redux repo is fetched from Hugging Face; offline that fails in one line that says how to
-    # point at a local copy.
+    # point at a local copy. (In a separate process, which reads HF_HUB_OFFLINE when it imports huggingface_hub.)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     one_line_error(cli(*common, "--image", ref), "could not download black-forest-labs/FLUX.1-Redux-dev", "--redux DIR")
