@@ -246,8 +246,8 @@ def test_cli_invert_bad_input_gets_one_line(flux1_repo, tmp_path, capsys):
     # As a user runs it: a separate process, one line on stderr and no traceback.
     one_line_error(cli("flux1", "a cat", "--invert", __file__, *common), "cannot read --invert")
     for args, needle in [
-        (["--invert", photo_path, "--gamma", "half"], "--gamma 'half': expected a number"),
-        (["--invert", photo_path, "--stop", "7th"], "--stop '7th': expected a number"),
+        (["--invert", photo_path, "--gamma", "half"], "--gamma 'half': expected a finite number"),
+        (["--invert", photo_path, "--stop", "7th"], "--stop '7th': expected a finite number"),
         (["--eta", "0.5"], "set up --invert"),
         (["--invert", photo_path, "--solver", "unipc"], "Euler"),
         (["--invert", photo_path, "--gamma", "2"], "gamma must be between 0 and 1, got 2.0"),
