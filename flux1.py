@@ -1604,13 +1604,18 @@ class Flux1Pipeline:
         prompts = as_list(prompts)
         t5_ids = self.t5_tokenizer(prompts).to(next(self.t5.parameters()).device)
         clip_ids = self.clip_tokenizer(prompts).to(next(self.clip.parameters()).device)
-        txt = self.t5(t5_ids) * text_scale
+        cond = {"txt": self.t5(t5_ids), "vec": self.clip(clip_ids)}
+        return self.add_images(cond, images, image_scale, text_scale) if images or text_scale != 1 else cond
+
+    def add_images(self, cond: dict, images, image_scale: float = 1.0, text_scale: float = 1.0) -> dict:
+        """A prompt's condition with Redux image tokens appended and both scales applied (see encode_prompt)."""
+        txt = cond["txt"] * text_scale
         if images:
             if self.redux is None:
                 raise ValueError("image prompts need FLUX.1 Redux: call pipe.load_redux() first")
             tokens = self.encode_images(images) * image_scale
             txt = torch.cat([txt, tokens.to(txt).expand(txt.shape[0], -1, -1)], dim=1)
-        return {"txt": txt, "vec": self.clip(clip_ids)}
+        return {**cond, "txt": txt}
 
     def load_redux(self, name_or_path=REDUX_REPO) -> "Redux":
         """Load FLUX.1 Redux (a folder laid out like black-forest-labs/FLUX.1-Redux-dev, or that repo) next to T5."""
@@ -1723,7 +1728,9 @@ class Flux1Pipeline:
         images = image_list(images) if images is not None else None
         if images and (self.redux is None or (redux is not None and str(redux) != self.redux.source)):
             self.load_redux(REDUX_REPO if redux is None else redux)
-        cond = self.encode_prompt(as_list(prompts, n), images, image_scale, text_scale)
+        cond = self.encode_prompt(as_list(prompts, n))
+        if images or text_scale != 1:
+            cond = self.add_images(cond, images, image_scale, text_scale)
         uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg != 1 else None
 
         def velocity_fn(x, sigma):

@@ -131,6 +131,14 @@ def check_image(path: str, flag: str = "--init-image"):
         raise UsageError(f"cannot read {flag} {path}: {e}") from None
 
 
+def refuse_options(pipeline_class, flags: dict[str, str], model: str):
+    """One line for an option (generate() argument -> its flag) that this family's generate() does not take."""
+    accepted = inspect.signature(pipeline_class.generate).parameters
+    for key, flag in flags.items():
+        if key not in accepted:
+            raise UsageError(f"{model} does not take {flag}")
+
+
 def pick_device(name: str | None) -> str:
     import torch
 
@@ -326,15 +334,17 @@ def run(args) -> int:
         "redux": ("--redux", args.redux),
     }
     extra = {k: v for k, (_, v) in options.items() if v is not None}
-    # The pipeline class, from load()'s annotation: checked before minutes of loading.
-    accepted = inspect.signature(typing.get_type_hints(module.load)["return"].generate).parameters
-    for key in extra:
-        if key not in accepted or args.invert:
-            raise UsageError(f"{'--invert' if args.invert else args.model} does not take {options[key][0]}")
+    flags = {k: options[k][0] for k in extra}
+    if args.invert and extra:
+        raise UsageError(f"--invert does not take {', '.join(flags.values())}")
 
     import torch
 
     device = pick_device(args.device)
+    # The pipeline class from load()'s annotation, so that an option it does not take is refused before loading.
+    pipeline_class = typing.get_type_hints(module.load).get("return")
+    if pipeline_class is not None:
+        refuse_options(pipeline_class, flags, args.model)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
@@ -359,6 +369,8 @@ def run(args) -> int:
             offload.enable_block_streaming(pipe.transformer, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
+    if pipeline_class is None:
+        refuse_options(type(pipe), flags, args.model)
 
     d = pipe.defaults
     written = []
