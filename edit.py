@@ -22,8 +22,10 @@ gamma 0.5, eta 0.9 on steps [0, 7) of 28. The paper tabulates its start/stop tim
 `start` and `stop` here are in those units and scale with `steps`. diffusers' community pipeline
 (examples/community/pipeline_flux_rf_inversion.py) has 28 steps and gamma 0.5 as defaults, eta 1.0 as its argument
 default (0.9 in its example), start 0 and stop 0.25 as fractions of the schedule (= 7 of 28), and inverts at distilled
-guidance 0 with the empty prompt; here the inversion uses the family's null condition (`pipe.null_condition`) and the
-same velocity arguments as the edit, as the reference implementation (gau-nernst/rectified-flow) does.
+guidance 0 with the empty prompt, telling the model the unshifted time i / (steps + 1) while stepping along the shifted
+schedule; here the inversion uses the family's null condition (`pipe.null_condition`) and the same velocity arguments
+as the edit, as the reference implementation (gau-nernst/rectified-flow) does, and both passes give the model the
+sigma of the schedule point they step from.
 
 The reference implementation (rf_inversion_flux.py) no longer runs: it calls its FLUX.1 model with a stale argument
 order, and hard-codes 16 latent channels, 8x downsampling, "cuda" and bf16 noise; its `start_t` also cuts the start
