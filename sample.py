@@ -5,19 +5,22 @@
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
     python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
     python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
+    python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
 
 import argparse
 import importlib
+import inspect
 import json
 import random
 import sys
 import time
 from pathlib import Path
 
-FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+# family name -> model file; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein"}
 
 
 class UsageError(Exception):
@@ -27,8 +30,8 @@ class UsageError(Exception):
 def catalogue() -> dict:
     """Every name sample.py accepts -> (model module, variant): a family name means its flagship variant."""
     names = {}
-    for family in FAMILIES:
-        module = importlib.import_module(family)
+    for family, file in FAMILIES.items():
+        module = importlib.import_module(file)
         names[family] = (module, module.DEFAULT_VARIANT)
         names.update({variant: (module, variant) for variant in module.VARIANTS})
     return names
@@ -71,14 +74,16 @@ def parse_lora(text: str) -> tuple[Path, float]:
         return Path(text), 1.0  # a colon that is part of the path
 
 
-def check_image(path: str):
+def check_image(path: str, option: str = "--init-image"):
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {option} {path}: {e}") from None
 
 
 def pick_device(name: str | None) -> str:
@@ -143,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
     p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="reference image for models that take them (FLUX.2-klein editing: up to 4); repeatable",
+    )
+    p.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -184,6 +195,8 @@ def run(args) -> int:
     guidance = parse_guidance(args.guidance)
     if args.init_image:
         check_image(args.init_image)
+    for image in args.image:
+        check_image(image, "--image")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
@@ -216,6 +229,8 @@ def run(args) -> int:
             offload.enable_block_streaming(pipe.transformer, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
+    if args.image and "images" not in inspect.signature(pipe.generate).parameters:
+        raise UsageError(f"--image: {args.model} takes no reference images")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +244,8 @@ def run(args) -> int:
         for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
         if v is not None
     }
+    if args.image:
+        extra["images"] = args.image
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
     for prompt, image_seed in jobs:
         settings = {
