@@ -721,8 +721,7 @@ class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
-        if sum(p.axes_dim) != p.hidden_size // p.num_heads:
-            raise ValueError(f"axes_dim {p.axes_dim} must sum to head_dim {p.hidden_size // p.num_heads}")
+        check_rope_axes(p.axes_dim, p.hidden_size // p.num_heads)
         self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
@@ -763,8 +762,19 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
-    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks)."""
+def check_rope_axes(axes_dim, head_dim: int, source: str = "axes_dim"):
+    """RoPE rotates channel pairs, axis by axis: every axis needs an even width and together they cover the head."""
+    if any(d <= 0 or d % 2 for d in axes_dim) or sum(axes_dim) != head_dim:
+        raise ValueError(
+            f"RoPE axes {tuple(axes_dim)} ({source}) are invalid for head_dim {head_dim}: each must be a positive even "
+            f"number and they must sum to {head_dim}; give them in the repo's transformer/config.json "
+            '("axes_dims_rope")'
+        )
+
+
+def flux_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> FluxParams:
+    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks). The RoPE
+    split of the head is not in the weights: `axes_dim` (from the repo's transformer/config.json) or FLUX.1's."""
     hidden, in_channels = sd["img_in.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
     depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
@@ -776,8 +786,12 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         head_dim = sd["single_blocks.0.norm.query_norm.scale"].shape[0]
         mlp_hidden = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
         qkv_bias = True
-    # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); smaller test models keep the ratios.
-    axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+    if axes_dim is None:
+        # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); other widths keep the ratios.
+        axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+        check_rope_axes(axes_dim, head_dim, source="inferred from FLUX.1's 16:56:56 split")
+    else:
+        check_rope_axes(axes_dim, head_dim, source="transformer/config.json")
     return FluxParams(
         in_channels=in_channels,
         vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
@@ -787,13 +801,14 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single_blocks=depth_single,
-        axes_dim=axes_dim,
+        axes_dim=tuple(axes_dim),
         qkv_bias=qkv_bias,
         guidance_embed="guidance_in.in_layer.weight" in sd,
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
     sd = read_weights(path)
     # Single files saved by ComfyUI-style tools (Flex.1-alpha) put every key under `model.diffusion_model.`.
     prefix = "model.diffusion_model."
@@ -802,7 +817,7 @@ def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.1 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):
-        model = Flux(flux_params_from_state_dict(sd))
+        model = Flux(flux_params_from_state_dict(sd, axes_dim))
     return load_into(model, sd, path).to(device, dtype).eval().requires_grad_(False)
 
 
@@ -1151,16 +1166,29 @@ def download(repo: str, patterns: list[str], gated: bool) -> Path:
 
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # network, auth and gating errors all end here with one actionable line
-        hint = (
-            f" {repo} is gated: accept its licence on https://huggingface.co/{repo}, then run `hf auth login`"
-            " (or set HF_TOKEN)."
-            if gated
-            else ""
-        )
-        raise FileNotFoundError(
-            f"could not download {repo} ({type(e).__name__}).{hint} Or use a local copy laid out like the repo "
-            "(sample.py/train.py --weights DIR)."
-        ) from None
+        raise FileNotFoundError(download_failure(repo, e, gated)) from None
+
+
+def download_failure(repo: str, error: Exception, gated: bool) -> str:
+    """One line: that the download failed, why (as far as the Hub's exception tells), then what to do."""
+    name = type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    login = "log in once with `hf auth login` (or set HF_TOKEN)"
+    licence = f"accept the licence on https://huggingface.co/{repo}"
+    if name == "GatedRepoError" or (gated and status in (401, 403)):
+        why = "access denied: the repo is gated and you are not logged in or have not accepted its licence"
+        fix = f"{licence}, then {login}"
+    elif name == "RepositoryNotFoundError" or status == 401:
+        why, fix = "the repo was not found or needs a login", f"check the name, {login}"
+    elif name in ("LocalEntryNotFoundError", "ConnectionError", "ConnectError", "Timeout", "OfflineModeIsEnabled"):
+        why, fix = "no connection to huggingface.co and the files are not in the local cache", "check the network"
+    else:
+        why = f"{name}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        fix = f"{licence} and {login}" if gated else "try again"
+    return (
+        f"could not download {repo} ({why}). To fix: {fix}; or pass a local copy laid out like the repo with "
+        "--weights DIR."
+    )
 
 
 def detect_variant(root: Path) -> str:
@@ -1171,8 +1199,18 @@ def detect_variant(root: Path) -> str:
 
 
 def component_files(v: Variant) -> list[str]:
-    files = [v.transformer_file, "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
-    return files + ([v.ae_file] if v.ae_file else ["vae/*"])
+    files = [v.transformer_file, "transformer/config.json", "text_encoder/*", "text_encoder_2/*", "tokenizer/*"]
+    return files + ["tokenizer_2/*"] + ([v.ae_file] if v.ae_file else ["vae/*"])
+
+
+def repo_axes_dim(root: Path):
+    """The RoPE split the repo states in its diffusers `transformer/config.json` ("axes_dims_rope"), if it has one:
+    the only hyper-parameter the BFL file's shapes cannot tell."""
+    config = root / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    axes = read_config(config.parent).get("axes_dims_rope")
+    return tuple(int(a) for a in axes) if axes is not None else None
 
 
 def find_transformer_file(root: Path, v: Variant) -> Path:
@@ -1192,7 +1230,7 @@ def load(
     `tokenizer_2/`."""
     root, variant = locate(name_or_path, variant, VARIANTS, "FLUX.1", detect_variant, component_files)
     v = VARIANTS[variant]
-    transformer = load_transformer(find_transformer_file(root, v), device, dtype)
+    transformer = load_transformer(find_transformer_file(root, v), device, dtype, repo_axes_dim(root))
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as ae.safetensors or a diffusers vae/ folder")

@@ -71,8 +71,11 @@ class ZImageParams:
 class Variant:
     repo: str
     steps: int
-    cfg: float  # official parameterisation: v = v_c + cfg (v_c - v_u), 0 = off (no unconditional pass)
+    cfg: float  # official parameterisation: v = v_c + cfg (v_c - v_u), applied only for cfg > 1 (official rule)
     shift: float  # static timestep shift; the repo's scheduler/scheduler_config.json overrides it when present
+    # The repo's scheduler_config.json may set use_dynamic_shifting: then FLUX.1's resolution-dependent mu replaces
+    # `shift`, with (base_shift, max_shift, base_image_seq_len, max_image_seq_len) from the same file.
+    dynamic_shift: tuple[float, float, int, int] | None = None
     solver: str = "euler"
     size: tuple[int, int] = (1024, 1024)
     cfg_truncation: float = 1.0  # no CFG once Z-Image time (1 - sigma) exceeds this; 1.0 never truncates
@@ -548,20 +551,50 @@ def load(
     text_encoder = load_qwen3(root / "text_encoder", text_config["num_hidden_layers"] - 1, device, dtype)
     tokenizer = Qwen3Tokenizer(root / "tokenizer" / "tokenizer.json")
     ae = flux1.load_ae(root / "vae", device, dtype)
-    defaults = VARIANTS[variant]
-    scheduler = root / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():  # the repo's own timestep shift is the official default
-        defaults = Variant(**{**defaults.__dict__, "shift": json.loads(scheduler.read_text()).get("shift", 3.0)})
+    defaults = scheduler_defaults(VARIANTS[variant], root / "scheduler" / "scheduler_config.json")
     return ZImagePipeline(transformer, text_encoder, tokenizer, ae, variant, defaults)
+
+
+def scheduler_defaults(defaults: Variant, config_file: Path) -> Variant:
+    """The repo's own schedule is the official default: its static `shift`, or, with use_dynamic_shifting, the
+    resolution-dependent shift of FLUX.1 (the official loader and pipeline read the same keys, same fallbacks)."""
+    if not config_file.is_file():
+        return defaults
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    dynamic = None
+    if config.get("use_dynamic_shifting", False):
+        dynamic = (
+            float(config.get("base_shift", 0.5)),
+            float(config.get("max_shift", 1.15)),
+            int(config.get("base_image_seq_len", 256)),
+            int(config.get("max_image_seq_len", 4096)),
+        )
+    return Variant(**{**defaults.__dict__, "shift": float(config.get("shift", 3.0)), "dynamic_shift": dynamic})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pipeline
 
 
-def schedule(steps: int, shift: float) -> Tensor:
-    """Z-Image's static shift of an even grid (the official scheduler ignores the resolution)."""
-    return solvers.static_shift(solvers.linear_sigmas(steps), shift)
+def schedule(steps: int, shift: float, dynamic_shift=None, height: int = 0, width: int = 0) -> Tensor:
+    """Z-Image's static shift of an even grid (the released repos' scheduler ignores the resolution), or, when the
+    scheduler config sets use_dynamic_shifting, FLUX.1's mu for this image size (`Variant.dynamic_shift`)."""
+    sigmas = solvers.linear_sigmas(steps)
+    if dynamic_shift is None:
+        return solvers.static_shift(sigmas, shift)
+    base_shift, max_shift, base_len, max_len = dynamic_shift
+    tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+    return solvers.time_shift(sigmas, solvers.flux1_mu(tokens, base_len, max_len, base_shift, max_shift))
+
+
+def official_time(sigma: float) -> float:
+    """Z-Image's normalised time (1 = data) exactly as its pipeline computes it: timestep = sigma * 1000 and
+    (1000 - timestep) / 1000, both in float32. CFG truncation compares this value, so ties fall as they do there."""
+    t = torch.tensor(sigma, dtype=torch.float32) * 1000
+    return ((1000 - t) / 1000).item()
 
 
 class ZImagePipeline:
@@ -631,7 +664,11 @@ class ZImagePipeline:
         """Text (or image) to image; unset settings take the variant's defaults (see flux1's generate for the shared
         arguments). cfg is the official guidance scale w: v = v_c + w (v_c - v_u), 0 = off. cfg_truncation: no CFG
         once Z-Image time 1 - sigma exceeds it (official option; 1.0 = never). cfg_normalization k > 0: rescale the
-        guided velocity so its norm is at most k times the conditional one's (official option)."""
+        guided velocity so its norm is at most k times the conditional one's (official option).
+
+        As in Tongyi's pipeline, CFG runs only for cfg > 1 (0 < cfg <= 1 is no CFG, although the formula would
+        change the output; diffusers' ZImagePipeline applies it for any cfg > 0), and truncation compares the
+        float32 time the official loop computes (`official_time`)."""
         if guidance is not None:
             raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
         d = self.defaults
@@ -643,11 +680,11 @@ class ZImagePipeline:
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
         cond = self.encode_prompt(as_list(prompts, n))
-        uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg > 0 else None
+        uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg > 1 else None
 
         def velocity_fn(x, sigma):
             v = self.velocity(x, sigma, cond)
-            if uncond is None or 1 - sigma > cfg_truncation:
+            if uncond is None or (cfg_truncation <= 1 and official_time(sigma) > cfg_truncation):
                 return v
             guided = torch.lerp(self.velocity(x, sigma, uncond), v, 1 + cfg)  # v_c + cfg (v_c - v_u)
             if cfg_normalization > 0:
@@ -656,7 +693,7 @@ class ZImagePipeline:
                 guided = guided * (cfg_normalization * norm_c / norm_g).clamp(max=1)
             return guided
 
-        sigmas = schedule(steps, d.shift) if sigmas is None else sigmas
+        sigmas = schedule(steps, d.shift, d.dynamic_shift, height, width) if sigmas is None else sigmas
         return run_sampler(
             self, velocity_fn, n, height, width, sigmas, solver, seed, noise, init, strength, output, progress
         )
