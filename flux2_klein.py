@@ -190,8 +190,7 @@ class Flux2(nn.Module):
     def __init__(self, params: Flux2Params):
         super().__init__()
         p = self.params = params
-        if sum(p.axes_dim) != p.hidden_size // p.num_heads:
-            raise ValueError(f"axes_dim {p.axes_dim} must sum to head_dim {p.hidden_size // p.num_heads}")
+        flux1.check_rope_axes(p.axes_dim, p.hidden_size // p.num_heads)
         self.img_in = nn.Linear(p.in_channels, p.hidden_size, bias=False)
         self.time_in = bias_free(MLPEmbedder(256, p.hidden_size))
         self.guidance_in = bias_free(MLPEmbedder(256, p.hidden_size)) if p.guidance_embed else None
@@ -236,8 +235,10 @@ class Flux2(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def flux2_params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
-    """Depth, widths and the guidance embedder, read from the checkpoint (klein-4B and 9B differ only in these)."""
+def flux2_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> Flux2Params:
+    """Depth, widths and the guidance embedder, read from the checkpoint (klein-4B and 9B differ only in these). The
+    RoPE split of the head is not in the weights: `axes_dim` (from the repo's transformer/config.json) or four equal
+    parts, BFL's (32, 32, 32, 32) for a 128-wide head."""
     hidden, in_channels = sd["img_in.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
     depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
@@ -247,6 +248,11 @@ def flux2_params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
     else:
         head_dim = sd["single_blocks.0.norm.query_norm.scale"].shape[0]
         mlp_hidden = sd["single_blocks.0.linear2.weight"].shape[1] - hidden
+    if axes_dim is None:
+        axes_dim = (head_dim // 4,) * 4
+        flux1.check_rope_axes(axes_dim, head_dim, source="inferred from FLUX.2's four equal axes")
+    else:
+        flux1.check_rope_axes(axes_dim, head_dim, source="transformer/config.json")
     return Flux2Params(
         in_channels=in_channels,
         context_in_dim=sd["txt_in.weight"].shape[1],
@@ -255,12 +261,13 @@ def flux2_params_from_state_dict(sd: dict[str, Tensor]) -> Flux2Params:
         depth=depth,
         depth_single_blocks=depth_single,
         mlp_ratio=mlp_hidden / hidden,
-        axes_dim=(head_dim // 4,) * 4,  # a 128-wide head splits (32, 32, 32, 32); smaller test models alike
+        axes_dim=tuple(axes_dim),
         guidance_embed="guidance_in.in_layer.weight" in sd,
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux2:
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux2:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else four equal parts)."""
     sd = read_weights(path)
     prefix = "model.diffusion_model."  # ComfyUI-style single files
     if any(k.startswith(prefix) for k in sd):
@@ -270,7 +277,7 @@ def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux2:
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.2 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):
-        model = Flux2(flux2_params_from_state_dict(sd))
+        model = Flux2(flux2_params_from_state_dict(sd, axes_dim))
     return load_into(model, sd, path).to(device, dtype).eval().requires_grad_(False)
 
 
@@ -568,7 +575,8 @@ def detect_variant(root: Path) -> str:
 def component_files(v: Variant) -> list[str]:
     # The autoencoder from the repo's own diffusers vae/ folder: BFL's ae.safetensors lives only in the gated
     # FLUX.2-dev repo.
-    return [v.transformer_file, "text_encoder/*", "tokenizer/*", "vae/*", "model_index.json"]
+    files = [v.transformer_file, "transformer/config.json", "text_encoder/*", "tokenizer/*", "vae/*"]
+    return files + ["model_index.json"]
 
 
 def load(
@@ -579,7 +587,7 @@ def load(
     `tokenizer/`."""
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "FLUX.2-klein", detect_variant, component_files)
     v = VARIANTS[variant]
-    transformer = load_transformer(flux1.find_transformer_file(root, v), device, dtype)
+    transformer = load_transformer(flux1.find_transformer_file(root, v), device, dtype, flux1.repo_axes_dim(root))
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as a diffusers vae/ folder or ae.safetensors")

@@ -644,6 +644,8 @@ def write_flux2_repo(
     root.mkdir(parents=True, exist_ok=True)
     transformer = tiny_flux2_transformer(seed, **transformer_overrides)
     save_file({k: v.contiguous() for k, v in flux2_to_bfl(transformer.state_dict()).items()}, root / transformer_file)
+    (root / "transformer").mkdir(exist_ok=True)  # the repo's diffusers transformer/: only its config is read
+    (root / "transformer" / "config.json").write_text(json.dumps(dict(transformer.config)))
     ae = tiny_flux2_ae(seed + 1)
     if vae_format == "bfl":
         bfl = {k: v.contiguous() for k, v in ae_from_diffusers(ae.state_dict()).items()}

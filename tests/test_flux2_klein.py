@@ -17,6 +17,7 @@ from fakes import (
     random_prompts,
     rel,
     tiny_flux2_transformer,
+    write_flux2_repo,
 )
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -147,6 +148,23 @@ def test_variants_and_detection(flux2_repo, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parts against diffusers / transformers
+
+
+def test_rope_axes_from_repo_config(tmp_path):
+    """An uneven RoPE split of the head, which the BFL file's shapes cannot tell: read from transformer/config.json."""
+    refs = write_flux2_repo(tmp_path, axes_dims_rope=(2, 6, 4, 4), num_layers=1, num_single_layers=1)
+    pipe = fk.load(tmp_path, dtype=torch.float32)
+    assert pipe.transformer.params.axes_dim == (2, 6, 4, 4)
+    x, txt, references = torch.randn(1, 128, 3, 4), torch.randn(1, 6, 48), [torch.randn(1, 128, 2, 2)]
+    with torch.no_grad():
+        ours = pipe.velocity(x, 0.4, {"txt": txt}, references)
+        theirs = diffusers_flux2_velocity(refs["transformer"], x, 0.4, txt, references)
+    assert rel(ours, theirs) < 1e-5
+    (tmp_path / "transformer" / "config.json").unlink()
+    assert fk.load(tmp_path, dtype=torch.float32).transformer.params.axes_dim == (4, 4, 4, 4)
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"axes_dims_rope": [3, 5, 4, 4]}))
+    with pytest.raises(ValueError, match=r"RoPE axes \(3, 5, 4, 4\) \(transformer/config.json\)"):
+        fk.load(tmp_path, dtype=torch.float32)
 
 
 def test_velocity_matches_diffusers(pipe, flux2_repo):
