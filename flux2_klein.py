@@ -152,9 +152,9 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = bias_free(SelfAttention(hidden_size, num_heads, qkv_bias=False))
         self.txt_mlp = swiglu_mlp(hidden_size, mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
+    def forward(self, img: Tensor, txt: Tensor, pe: Tensor, mod_img: Tensor, mod_txt: Tensor) -> tuple[Tensor, Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img.chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt.chunk(6, dim=-1)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
         attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
@@ -178,8 +178,8 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x: Tensor, pe: Tensor, mod) -> Tensor:
-        shift, scale, gate = mod
+    def forward(self, x: Tensor, pe: Tensor, mod: Tensor) -> Tensor:
+        shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp_in = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden_size, 2 * self.mlp_hidden_dim], -1)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
@@ -223,8 +223,10 @@ class Flux2(nn.Module):
         vec = self.time_in(timestep_embedding(timesteps).to(dtype))
         if guidance is not None and self.guidance_in is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
-        mod_img, mod_txt = self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec)
-        mod_single = self.single_stream_modulation(vec)
+        # Each stream's modulation as one (B, 1, k x dim) tensor, split inside the blocks: checkpointed blocks (train.py
+        # --gradient-checkpointing, offload.py's streamed blocks) carry gradients through tensor arguments only.
+        mods = self.double_stream_modulation_img, self.double_stream_modulation_txt, self.single_stream_modulation
+        mod_img, mod_txt, mod_single = (m.lin(F.silu(vec))[:, None] for m in mods)
         img, txt = self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype))
         pe = rope(torch.cat((txt_ids, img_ids), 0), self.params.axes_dim, self.params.theta)  # text first, as below
         for block in self.double_blocks:

@@ -10,16 +10,21 @@ upscaled; latents and prompt embeddings are computed once and cached on disk, th
 encoder are freed. The loss is the rectified-flow velocity MSE, |v(x_sigma, sigma) - (noise - x0)|^2, with sigma drawn
 logit-normal (SD3, arXiv 2403.03206 §3.1) by default. Checkpoints are written atomically and --resume continues
 bit-for-bit (optimizer, step, RNG and data order included). The final LoRA is written in the format other tools load
-(FLUX.1: kohya; Z-Image: ComfyUI/diffusion_model).
+(FLUX.1: kohya; Z-Image, FLUX.2-klein: ComfyUI/diffusion_model).
+
+Edit pairs, for models that take reference images (FLUX.2-klein): the references of x.png are x_ref0.png, x_ref1.png,
+... beside it (any image extension); they are cropped to x's bucket and cached like it.
 """
 
 import argparse
 import csv
+import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -60,7 +65,7 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
         return items, skipped
     items = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or REFERENCE_NAME.match(path.stem):
             continue
         caption = path.with_suffix(".txt")
         if not caption.is_file() or not caption.read_text(encoding="utf-8").strip():
@@ -68,6 +73,36 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
             continue
         items.append((path, caption.read_text(encoding="utf-8").strip()))
     return items, skipped
+
+
+REFERENCE_NAME = re.compile(r".+_ref\d+$")  # x_ref0.png: a reference image of x.png, not a target
+
+
+def find_references(path: Path) -> list[Path]:
+    """Edit pairs: the reference images of target x.png are x_ref0.*, x_ref1.*, ... beside it, in that order (the
+    numbering stops at the first gap)."""
+    refs = []
+    while True:
+        found = path.parent.glob(f"{glob.escape(path.stem)}_ref{len(refs)}.*")
+        found = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if not found:
+            return refs
+        refs.append(sorted(found)[0])
+
+
+def attach_references(samples: list[dict], module, skipped: Counter) -> list[dict]:
+    """Give each sample its reference images (edit pairs). A model that takes none refuses them (module.MAX_REFERENCES
+    says how many it takes); samples with more than that are skipped."""
+    limit, kept = getattr(module, "MAX_REFERENCES", 0), []
+    for s in samples:
+        s["refs"] = find_references(s["path"])
+        if s["refs"] and not limit:
+            raise UsageError(f"{s['refs'][0]}: {module.__name__} takes no reference images (edit pairs)")
+        if len(s["refs"]) > limit:
+            skipped[f"more than {limit} reference images"] += 1
+        else:
+            kept.append(s)
+    return kept
 
 
 def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int] | None:
@@ -135,6 +170,38 @@ def load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def cache_references(pipe, s: dict, cache: Path, model_id: str, encoded: Counter) -> bool:
+    """Encode a sample's reference images as its target is (cropped to the target's bucket, so that a batch stacks);
+    False if one is unreadable."""
+    import numpy as np
+    import torch
+
+    s["ref_files"] = []
+    for ref in s["refs"]:
+        file = cache / f"latent-{digest(model_id, 'latent', ref.read_bytes(), s['bucket'])}.safetensors"
+        if not file.is_file():
+            try:
+                image = crop_to_bucket(open_image(ref), *s["bucket"])
+            except (OSError, ValueError):
+                return False
+            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
+            save_tensors(file, {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
+            encoded["latents"] += 1
+        s["ref_files"].append(file)
+    return True
+
+
+def batch_references(batch: list[dict], device) -> dict:
+    """velocity() keyword for a batch of edit pairs: reference j of every sample, stacked ({} without references)."""
+    import torch
+
+    if not batch[0]["refs"]:
+        return {}
+    n = len(batch[0]["refs"])
+    stacked = [torch.cat([load_tensors(s["ref_files"][j])["latent"] for s in batch]).to(device) for j in range(n)]
+    return {"references": stacked}
 
 
 def flatten_cond(cond: dict) -> dict:
@@ -316,6 +383,7 @@ def train(args) -> int:
                 skipped["image smaller than one bucket step"] += 1
                 break
             samples.append({"path": path, "caption": caption, "bucket": bucket})
+    samples = attach_references(samples, module, skipped)
     device = sample.pick_device(args.device)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -360,6 +428,9 @@ def train(args) -> int:
             pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
             save_tensors(s["latent_file"], {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
             encoded["latents"] += 1
+        if not cache_references(pipe, s, cache, model_id, encoded):
+            skipped["unreadable reference image"] += 1
+            continue
         kept.append(s)
     samples = kept
     if not samples:
@@ -377,7 +448,8 @@ def train(args) -> int:
             encoded["prompts"] += 1
     print(
         f"data: {len(items)} captioned images, {len(samples)} training samples in "
-        f"{len({s['bucket'] for s in samples})} buckets; skipped {dict(skipped) or 'none'}; "
+        f"{len({s['bucket'] for s in samples})} buckets ({sum(bool(s['refs']) for s in samples)} edit pairs); "
+        f"skipped {dict(skipped) or 'none'}; "
         f"encoded {encoded['latents']} latents and {encoded['prompts']} prompts (the rest from {cache})"
     )
 
@@ -401,7 +473,7 @@ def train(args) -> int:
 
     buckets = defaultdict(list)
     for i, s in enumerate(samples):
-        buckets[s["bucket"]].append(i)
+        buckets[(s["bucket"], len(s["refs"]))].append(i)  # a batch's samples have the same number of references
     gen = torch.Generator().manual_seed(args.seed)  # sigmas, noise and caption dropout
     step, epoch, position = 0, 0, 0
     if resume is not None:
@@ -490,7 +562,7 @@ def train(args) -> int:
             noise = torch.randn(x0.shape, generator=gen).to(device)
             sigma = sigma.to(device)
             x_sigma = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-            v = pipe.velocity(x_sigma, sigma, cond, **velocity_kwargs)
+            v = pipe.velocity(x_sigma, sigma, cond, **velocity_kwargs, **batch_references(batch, device))
             loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
             (loss / args.grad_accum).backward()  # the mean over every micro-batch, as one big batch would give
             total_loss += loss.item() / args.grad_accum

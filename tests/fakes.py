@@ -610,11 +610,11 @@ def flux2_to_bfl(sd: dict) -> dict:
     return out
 
 
-def tiny_flux2_transformer(seed: int = 0, **overrides):
+def tiny_flux2_transformer(seed: int = 0, std: float = 0.15, **overrides):
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(seed)
-    return randomize(Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides}), std=0.15, seed=seed).eval()
+    return randomize(Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides}), std=std, seed=seed).eval()
 
 
 def tiny_flux2_ae(seed: int = 0):
@@ -635,14 +635,16 @@ def write_flux2_repo(
     vae_format: str = "diffusers",
     seed: int = 0,
     distilled: bool = True,
+    std: float = 0.15,
     **transformer_overrides,
 ) -> dict:
-    """A FLUX.2-klein repo in the official layout; returns the diffusers/transformers reference models."""
+    """A FLUX.2-klein repo in the official layout; returns the diffusers/transformers reference models. `std`: of the
+    transformer's random weights (smaller: an output closer to a trained model's unit scale)."""
     from flux2_klein import ae_from_diffusers
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    transformer = tiny_flux2_transformer(seed, **transformer_overrides)
+    transformer = tiny_flux2_transformer(seed, std, **transformer_overrides)
     save_file({k: v.contiguous() for k, v in flux2_to_bfl(transformer.state_dict()).items()}, root / transformer_file)
     (root / "transformer").mkdir(exist_ok=True)  # the repo's diffusers transformer/: only its config is read
     (root / "transformer" / "config.json").write_text(json.dumps(dict(transformer.config)))
