@@ -517,8 +517,8 @@ DIFFUSERS_SINGLE = {  # diffusers keeps FLUX.2's single-block linears fused: pur
 
 
 def lora_aliases(params: Flux2Params) -> dict[str, list[tuple[str, slice, slice]]]:
-    """diffusers' names of FLUX.2's layers (PEFT files, kohya files converted by diffusers) -> (our layer, their
-    rows, our rows): q, k and v take their rows of BFL's fused qkv, and the final modulation's halves swap."""
+    """diffusers' names of FLUX.2's layers, as PEFT files use them -> rows of ours (lora.route): q, k and v take their
+    rows of BFL's fused qkv, and the final modulation's halves swap (diffusers: scale, shift; BFL: shift, scale)."""
     h, whole = params.hidden_size, slice(None)
     aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
     final = DIFFUSERS_TOP["norm_out.linear"]
@@ -533,29 +533,6 @@ def lora_aliases(params: Flux2Params) -> dict[str, list[tuple[str, slice, slice]
         theirs, ours = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         aliases |= {f"{theirs}.{a}": [(f"{ours}.{b}", whole, whole)] for a, b in DIFFUSERS_SINGLE.items()}
     return aliases
-
-
-def route_lora(pairs: dict, aliases: dict, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-    """LoRA pairs (A, B) under any name in `aliases` -> pairs on our layers: each alias puts its rows of B at our rows
-    of the target (zeros elsewhere); several onto one target (q, k, v -> qkv) stack exactly, as lora.fuse does. Our own
-    names pass through."""
-    out, parts = {}, {}
-    for name, (a, b) in pairs.items():
-        if name not in aliases:
-            out[name] = (a, b)
-            continue
-        for target, theirs, ours in aliases[name]:
-            parts.setdefault(target, []).append((a, b[theirs], ours))
-    for target, pieces in parts.items():
-        rows = model.get_submodule(target).out_features
-        a = torch.cat([p[0] for p in pieces])
-        b = torch.zeros(rows, a.shape[0])
-        col = 0
-        for pa, pb, ours in pieces:
-            b[ours, col : col + pa.shape[0]] = pb
-            col += pa.shape[0]
-        out[target] = (a, b)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -582,29 +559,33 @@ def component_files(v: Variant) -> list[str]:
 
 
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "Flux2KleinPipeline":
     """Load the whole pipeline from a variant name (downloads from Hugging Face) or a folder laid out like the repo:
     `flux-2-klein-*.safetensors` (BFL format), `vae/` (diffusers) or `ae.safetensors` (BFL), `text_encoder/` (Qwen3),
-    `tokenizer/`."""
+    `tokenizer/`, and `transformer/config.json` if present (for the RoPE split). progress: a bar over the parts."""
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "FLUX.2-klein", detect_variant, component_files)
-    v = VARIANTS[variant]
-    transformer = load_transformer(flux1.find_transformer_file(root, v), device, dtype, flux1.repo_axes_dim(root))
+    transformer_file = flux1.find_transformer_file(root, VARIANTS[variant])
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as a diffusers vae/ folder or ae.safetensors")
-    ae = load_ae(ae_path, device, dtype)
     text_config = read_config(root / "text_encoder")
     if text_config.get("num_hidden_layers", 0) < max(TEXT_LAYERS):
         raise ValueError(f"{root / 'text_encoder'}: FLUX.2-klein reads Qwen3 layer {max(TEXT_LAYERS)}; it has fewer")
-    text_encoder = load_qwen3(root / "text_encoder", max(TEXT_LAYERS), device, dtype)
+    tokenizer = Qwen3Tokenizer(root / "tokenizer" / "tokenizer.json", max_length=TEXT_LENGTH)
+    with flux1.loading_bar(variant, 3, progress) as bar:
+        transformer = load_transformer(transformer_file, device, dtype, flux1.repo_axes_dim(root))
+        bar.update()
+        ae = load_ae(ae_path, device, dtype)
+        bar.update()
+        text_encoder = load_qwen3(root / "text_encoder", max(TEXT_LAYERS), device, dtype)
+        bar.update()
     width = 3 * text_encoder.config.hidden_size
     if width != transformer.params.context_in_dim:
         raise ValueError(
             f"{root}: the text encoder gives {width} features per token, the transformer takes "
             f"{transformer.params.context_in_dim} (mixed 4B and 9B files?)"
         )
-    tokenizer = Qwen3Tokenizer(root / "tokenizer" / "tokenizer.json", max_length=TEXT_LENGTH)
     return Flux2KleinPipeline(transformer, text_encoder, tokenizer, ae, variant)
 
 
@@ -666,13 +647,13 @@ class Flux2KleinPipeline:
         out = self.transformer(torch.cat(img, 1), torch.cat(ids), txt, text_ids(txt.shape[1], device), sigma, guidance)
         return out[:, : h * w].float().transpose(1, 2).reshape(b, -1, h, w)
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya, diffusers/PEFT keys) to the transformer at `scale`; returns the
-        layers it touched. Several files stack."""
-        aliases = lora_aliases(self.transformer.params)
-        names = [n for n, _ in self.transformer.named_modules()] + list(aliases)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, route_lora(pairs, aliases, self.transformer), scale)
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya, diffusers/PEFT, LyCORIS keys; see lora.py) to the transformer
+        and the text encoder at `scale`; returns the layers it changed. Several files stack. What cannot be applied is
+        named in a warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        aliases = {"transformer": lora_aliases(self.transformer.params)}
+        return lora.load(path, components, scale, aliases, strict)
 
     def training_kwargs(self) -> dict:
         return {}

@@ -4,6 +4,7 @@ The reference models come from diffusers / transformers (test-only oracles); the
 official repos ship, so our loaders are exercised exactly as on real checkpoints."""
 
 import json
+import os
 import random
 import re
 import shutil
@@ -13,9 +14,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-# The real vocabularies (../shared/tokenizers, see its PROVENANCE.md): only the tests *about* those vocabularies use
-# them. Everything else runs on the tiny tokenizers below, so a fresh clone without ../shared runs the whole suite.
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+# The real vocabularies (clip_l/, t5_xxl/, umt5_xxl/, qwen3/ tokenizer files): only the tests *about* those vocabularies
+# use them, from $RF_TOKENIZERS or the workplace's ../shared/tokenizers, and skip without them. Everything else runs on
+# the tiny tokenizers below, so a fresh clone runs the rest of the suite.
+TOKENIZERS = Path(os.environ.get("RF_TOKENIZERS") or Path(__file__).resolve().parents[2] / "shared" / "tokenizers")
 
 LONG_PROMPT = (
     "a highly detailed photograph of an astronaut riding a horse on the surface of mars, " * 30

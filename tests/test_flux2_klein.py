@@ -415,7 +415,7 @@ def test_trained_lora_loads_in_diffusers(flux2_repo, tmp_path):
         for p in lora.lora_parameters(trained.transformer):
             p.add_(0.2 * torch.randn(p.shape, generator=g))
     path = tmp_path / "klein_lora.safetensors"
-    lora.save(trained.transformer, path, fk.LORA_FORMAT, {"base_model": "flux2-klein-base-4b"})
+    lora.save(trained.transformer, path, fk.LORA_FORMAT, {"base_model": "flux2-klein-base-4b"}, dtype=torch.float32)
     keys = load_file(path).keys()
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in keys
     for i in range(2):  # every single block has both linears (diffusers#13107)
@@ -459,9 +459,11 @@ def test_loras_from_the_wild(flux2_repo, tmp_path, family):
     if family == "peft":
         path = tmp_path / "peft.safetensors"
     else:  # BFL names, fused q/k/v: kohya (lora_unet_ + alpha) or ComfyUI/ai-toolkit (diffusion_model. + lora_A/B)
-        bfl = fk.route_lora(pairs, fk.lora_aliases(pipe.transformer.params), pipe.transformer)
+        patches = {name: lora.Patch(down=a, up=b) for name, (a, b) in pairs.items()}
+        bfl, unusable = lora.route(patches, fk.lora_aliases(pipe.transformer.params), pipe.transformer)
+        assert not unusable
         state = {}
-        for name, (a, b) in bfl.items():
+        for name, (a, b) in ((n, (p.down, p.up)) for n, p in bfl.items()):
             if family == "kohya":
                 key, r = "lora_unet_" + name.replace(".", "_"), a.shape[0]
                 state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b * r / 3.0}
