@@ -112,7 +112,7 @@ def check_image(path: str, option: str = "--init-image"):
     from PIL import Image
 
     if not Path(path).is_file():
-        raise UsageError(f"{option} {path}: no such file")
+        raise UsageError(f"cannot read {option} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()

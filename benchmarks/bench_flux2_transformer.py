@@ -28,7 +28,9 @@ def main():
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(0)
-    ref = Flux2Transformer2DModel(num_layers=1, num_single_layers=2, joint_attention_dim=7680, guidance_embeds=False)
+    ref = Flux2Transformer2DModel(  # klein-4B's widths (diffusers' defaults are FLUX.2-dev's)
+        num_layers=1, num_single_layers=2, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+    )
     ref = ref.eval().requires_grad_(False)
     with torch.no_grad():  # diffusers zero-initialises some outputs; make every weight count
         for p in ref.parameters():

@@ -504,7 +504,7 @@ def test_sample_cli_text_to_image_and_editing(flux2_repo, zimage_repo, tmp_path,
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and needle in err, err
 
-    one_line_error(["flux2", "x", *edit, str(tmp_path / "missing.png")], "--image")
+    one_line_error(["flux2", "x", *edit, str(tmp_path / "missing.png")], "cannot read --image")
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     one_line_error(["flux2", "x", *edit, str(tmp_path / "broken.png")], "cannot read --image")
     picture(40, 200, 3).save(tmp_path / "small.png")
