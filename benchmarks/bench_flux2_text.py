@@ -65,9 +65,12 @@ def main():
         out = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         return torch.cat([out.hidden_states[k] for k in fk.TEXT_LAYERS], -1)
 
+    inv_freq = model.rotary_emb.inv_freq.clone()
     for name in args.dtypes.split(","):
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
         ours.to(dtype), ref.to(dtype)
+        # As from_pretrained(dtype=...) leaves it: RoPE's frequencies in fp32 (`.to()` would round them to bf16).
+        model.rotary_emb.inv_freq = inv_freq.clone()
         with torch.inference_mode():
             a, b = run_ours(), run_ref()
             err = ((a.float() - b.float()).norm() / b.float().norm()).item()
