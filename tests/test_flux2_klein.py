@@ -219,6 +219,7 @@ def test_autoencoder_matches_diffusers(pipe, ref_pipe):
         pipe.encode(pixels[..., :40])
 
 
+@pytest.mark.slow
 def test_text_features_are_qwen3_layers_9_18_27(pipe, ref_pipe):
     prompts = [*PROMPTS, "", "long " * 600]  # the last is truncated at 512 tokens
     ours = pipe.encode_prompt(prompts)["txt"]
@@ -255,11 +256,13 @@ def generate_both(pipe, ref_pipe, steps=4, cfg=1.0, images=None, size=(48, 64), 
     return ours, ours_from_diffusers(ref_pipe, theirs)
 
 
+@pytest.mark.slow
 def test_generate_distilled_matches_diffusers(pipe, ref_pipe):
     ours, theirs = generate_both(pipe, ref_pipe)
     assert rel(ours, theirs) < 1e-4
 
 
+@pytest.mark.slow
 def test_generate_base_with_cfg_matches_diffusers(flux2_repo):
     base = fk.load(flux2_repo[0], variant="flux2-klein-base-4b", dtype=torch.float32)
     assert base.defaults.cfg == 4.0 and base.defaults.steps == 50

@@ -46,6 +46,7 @@ def base_repo(tmp_path_factory):
     return root, write_flux2_repo(root, "flux-2-klein-base-4b.safetensors", distilled=False)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_edit_pairs(base_repo, tmp_path, capsys):
     """30 CPU steps on four generated edit pairs. The tiny random model's output scale is set by its final adaLN
     modulation, which the default targets leave frozen; training that layer as well lets the loss show progress in a
