@@ -384,9 +384,10 @@ def load_ae(path, device="cpu", dtype=torch.float32) -> AutoEncoder:
         raise ValueError(f"{path}: not a FLUX.2 autoencoder (needs encoder.conv_in.weight and bn.running_mean)")
     with torch.device("meta"):
         model = AutoEncoder(flux1.ae_params_from_state_dict(sd), eps)
-    model = load_into(model, sd, path).to(device, dtype).eval().requires_grad_(False)
-    model.bn.float()  # the statistics stay exact in bf16 pipelines; encode()/decode() normalise in float32
-    return model
+    model = load_into(model, sd, path)
+    model.encoder.to(device, dtype), model.decoder.to(device, dtype)
+    model.bn.to(device, torch.float32)  # the statistics stay exact in bf16 pipelines; encode/decode normalise in fp32
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def test_bfl_ae_file_loads_the_same(flux2_repo, pipe, tmp_path):
     loaded = fk.load_ae(tmp_path / "ae.safetensors")
     a, b = loaded.state_dict(), pipe.ae.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    half = fk.load_ae(tmp_path / "ae.safetensors", dtype=torch.bfloat16)  # the BatchNorm statistics stay exact
+    assert half.encoder.conv_in.weight.dtype == torch.bfloat16 and torch.equal(half.bn.running_var, b["bn.running_var"])
     # A whole repo with ae.safetensors instead of vae/ loads too.
     repo = tmp_path / "repo"
     shutil.copytree(flux2_repo[0], repo, ignore=shutil.ignore_patterns("vae"))
