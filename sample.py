@@ -8,6 +8,7 @@
     python sample.py flux1 "a tiger" --invert cat.jpg --eta 0.9 --stop 7   # RF-inversion edit of a photo
     python sample.py flux1 "a cosy room" --image ref.png --image-scale 0.2  # FLUX.1 Redux image prompt
     python sample.py zimage "a red fox" --out fox.png               # one file; with several images fox-00000.png, ...
+    python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
@@ -24,7 +25,8 @@ import time
 import typing
 from pathlib import Path
 
-FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+# family name -> model file; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein"}
 
 
 class UsageError(Exception):
@@ -52,8 +54,8 @@ def atomic_write(path: Path, write, intact: str = "nothing else was changed"):
 def catalogue() -> dict:
     """Every name sample.py accepts -> (model module, variant): a family name means its flagship variant."""
     names = {}
-    for family in FAMILIES:
-        module = importlib.import_module(family)
+    for family, file in FAMILIES.items():
+        module = importlib.import_module(file)
         names[family] = (module, module.DEFAULT_VARIANT)
         names.update({variant: (module, variant) for variant in module.VARIANTS})
     return names
@@ -124,6 +126,8 @@ def parse_number(text: str | None, flag: str) -> float | None:
 def check_image(path: str, flag: str = "--init-image"):
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise UsageError(f"cannot read {flag} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()
@@ -243,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         action="append",
         default=[],
-        help="reference image for the model (FLUX.1: a Redux image prompt); repeatable",
+        help="reference image for the model (FLUX.2-klein: an image to edit, up to 4; FLUX.1: a Redux image prompt); "
+        "repeatable",
     )
     p.add_argument("--image-scale", help="FLUX.1 Redux: multiply the image tokens (e.g. 0.2 weakens the image)")
     p.add_argument("--text-scale", help="FLUX.1 Redux: multiply the T5 tokens (> 1 strengthens the text)")

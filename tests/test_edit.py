@@ -13,6 +13,7 @@ from test_sample import cli, one_line_error
 
 import edit
 import flux1
+import flux2_klein
 import sample
 import solvers
 import zimage
@@ -140,12 +141,14 @@ def load_tamed(module, root):
     """The tiny pipeline, with its output projection scaled so that the velocity has the size a trained model's has
     (that of noise - x0); random weights give velocities ~50x larger, and an ODE that fast goes nowhere useful."""
     pipe = module.load(root, dtype=torch.float32)
-    final = pipe.transformer.final_layer.linear if module is flux1 else pipe.transformer.all_final_layer["2-1"].linear
+    final = pipe.transformer.all_final_layer["2-1"].linear if module is zimage else pipe.transformer.final_layer.linear
     y0 = pipe.encode(flux1.image_to_tensor(photo(), None, None, 16))
     noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(123))
     v = pipe.velocity(0.5 * y0 + 0.5 * noise, 0.5, pipe.encode_prompt("a photo"), **pipe.sampling_kwargs())
     k = (noise - y0).pow(2).mean().sqrt() / v.pow(2).mean().sqrt()
-    final.weight, final.bias = torch.nn.Parameter(final.weight * k), torch.nn.Parameter(final.bias * k)
+    final.weight = torch.nn.Parameter(final.weight * k)
+    if final.bias is not None:  # FLUX.2 has no biases
+        final.bias = torch.nn.Parameter(final.bias * k)
     return pipe
 
 
@@ -159,7 +162,12 @@ def zimage_pipe(zimage_repo):
     return load_tamed(zimage, zimage_repo[0])
 
 
-@pytest.fixture(params=["flux1", "zimage"])
+@pytest.fixture(scope="module")
+def klein_pipe(flux2_repo):
+    return load_tamed(flux2_klein, flux2_repo[0])
+
+
+@pytest.fixture(params=["flux1", "zimage", "klein"])
 def pipe(request):
     return request.getfixturevalue(f"{request.param}_pipe")
 
@@ -186,10 +194,12 @@ def test_gamma_zero_is_the_plain_ode_and_eta_zero_is_plain_sampling(pipe):
 
 
 @pytest.mark.slow
-def test_reconstruction_is_closer_than_img2img(pipe):
+@pytest.mark.parametrize("family", ["flux1", "zimage"])
+def test_reconstruction_is_closer_than_img2img(family, request):
     """Invert, then regenerate with the source prompt and eta = 1 on the paper's window (steps [0, 7) of 28), against
     image-to-image at the same strength (0.75: it starts at step 7 from the input noised with the same seed's noise).
     Both pass through (1 - sigma_7) y0 + sigma_7 noise at step 7; for RF-inversion that noise is the inverted one."""
+    pipe = request.getfixturevalue(f"{family}_pipe")
     image, prompt = photo(32, 32), "a photo"
     y0 = pipe.encode(flux1.image_to_tensor(image, None, None, 16))
     i2i = pipe.generate(prompt, init_image=image, strength=0.75, steps=28, seed=0, output="latent", progress=False)
