@@ -58,6 +58,8 @@ DEFAULT_SKIP = [
     "time_embedding.*",
     "time_projection.*",
     "head.head",
+    # FLUX.2-klein: its three model-wide modulations, fed the timestep vector (same reasons as FLUX.1's).
+    "*_stream_modulation*",
 ]
 
 # Layers narrower than this on either side are left in float: the patch embedders and output projections of the

@@ -30,3 +30,12 @@ def wan22_diffusers_repo(tmp_path_factory):
     """(folder, reference modules) of the same tiny Wan2.2 TI2V-5B repo in the -Diffusers layout."""
     root = tmp_path_factory.mktemp("wan22-ti2v-5b-diffusers")
     return root, write_wan22_repo(root, layout="diffusers")
+
+
+@pytest.fixture(scope="session")
+def flux2_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny FLUX.2-klein-4B repo (distilled; BFL transformer, diffusers vae/)."""
+    from fakes import write_flux2_repo
+
+    root = tmp_path_factory.mktemp("flux2-klein-4b")
+    return root, write_flux2_repo(root)

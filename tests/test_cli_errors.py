@@ -41,6 +41,7 @@ TABLE = [
     ("sample", ["wan22", "a cat", "--size", "1000x704"], 2, "multiples of 32"),
     ("sample", ["wan22", "a cat", "--image", NO_FILE + ".png"], 2, "cannot read --image"),
     ("sample", ["wan22", "a cat", "--fps", "inf"], 2, "--fps inf: must be a finite number"),
+    ("sample", ["flux2", "a cat", "--image", NO_FILE + ".png"], 2, "cannot read --image"),
     # train.py
     ("train", ["flux9", "--data", "{data}"], 2, "unknown model 'flux9'"),
     ("train", ["flux1", "--data", NO_FILE], 2, f"--data {NO_FILE}: no such folder"),
@@ -56,6 +57,7 @@ TABLE = [
     ("train", ["flux1", "--data", "{data}", "--resume", "{file}"], 2, "--resume: cannot read"),
     ("train", ["flux1", "--data", "{data}", "--preview-size", "7x7"], 2, "--size 7x7"),
     ("train", ["zimage-turbo", "--data", "{data}"], 2, "step-distilled"),
+    ("train", ["flux2-klein-4b", "--data", "{data}"], 2, "step-distilled"),
 ]
 
 
