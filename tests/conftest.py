@@ -39,3 +39,21 @@ def flux2_repo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flux2-klein-4b")
     return root, write_flux2_repo(root)
+
+
+@pytest.fixture(scope="session")
+def wan22_t2v_a14b_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny Wan2.2 T2V-A14B repo (two experts, Wan2.1 VAE) in the official layout."""
+    from fakes import write_wan22_a14b_repo
+
+    root = tmp_path_factory.mktemp("wan22-t2v-a14b")
+    return root, write_wan22_a14b_repo(root, "t2v")
+
+
+@pytest.fixture(scope="session")
+def wan22_i2v_a14b_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny Wan2.2 I2V-A14B repo (36-channel experts) in the official layout."""
+    from fakes import write_wan22_a14b_repo
+
+    root = tmp_path_factory.mktemp("wan22-i2v-a14b")
+    return root, write_wan22_a14b_repo(root, "i2v", seed=20)
