@@ -1,22 +1,22 @@
-"""Wan2.2 TI2V-5B (Alibaba's Wan team): text-to-video and image-to-video in plain PyTorch.
+"""Wan2.2 (Alibaba's Wan team): TI2V-5B (text- and image-to-video, one DiT) and T2V-A14B / I2V-A14B (two DiT experts,
+one for high noise and one for low noise) in plain PyTorch.
 
 Reads top to bottom: configs and variants; reading fp32 checkpoints straight into bf16; the umT5-XXL tokenizer (with
 the official prompt cleaning) and encoder (FLUX.1's T5 blocks, each with its own relative position bias); the Wan DiT
 (official key names, so `diffusion_pytorch_model-*.safetensors` loads as it is; diffusers' `transformer/` through one
-rename map); the Wan2.2 VAE (causal 3D convolutions streamed through a per-convolution cache; `Wan2.2_VAE.pth` names,
-diffusers' `vae/` through a rename map); LoRA names; loading; the pipeline.
+rename map); the Wan VAEs, 2.2 (TI2V-5B) and 2.1 (A14B), built from the same causal 3D convolutions streamed through a
+per-convolution cache (`Wan2.2_VAE.pth` / `Wan2.1_VAE.pth` names, diffusers' `vae/` through a rename map); LoRA names;
+loading; the pipeline.
 
-Video latents are (B, 48, F, H, W): F = 1 + (frames - 1) / 4 latent frames, H = height / 16, W = width / 16, and the
-DiT cuts them into 1x2x2 patches, so frame sides are multiples of 32 pixels and frame counts 4k + 1.
+Video latents are (B, C, F, H, W): F = 1 + (frames - 1) / 4 latent frames, H = height / s, W = width / s with C = 48,
+s = 16 for TI2V-5B's VAE and C = 16, s = 8 for A14B's; the DiT cuts them into 1x2x2 patches, so frame sides are
+multiples of 2 s pixels (32 or 16) and frame counts 4k + 1.
 
 Time convention: the official sampler feeds the DiT the integer timestep int(sigma * 1000) and reads its output as
 noise - x0, which is the shared convention of this project (sigma = 1 is noise, v = noise - x0). `velocity()` does the
-integer timestep, so every solver in solvers.py works with Wan.
-
-The A14B models (two experts, the Wan2.1 VAE) reuse the umT5 encoder, the DiT, the causal-convolution VAE parts and
-the sampling loop of this file.
+integer timestep, so every solver in solvers.py works with Wan. A14B's experts are chosen from the same integer
+timestep, as the official code chooses them (Variant.boundary).
 """
-
 import html
 import json
 import math
