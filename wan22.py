@@ -17,6 +17,7 @@ noise - x0, which is the shared convention of this project (sigma = 1 is noise, 
 integer timestep, so every solver in solvers.py works with Wan. A14B's experts are chosen from the same integer
 timestep, as the official code chooses them (Variant.boundary).
 """
+
 import html
 import json
 import math
@@ -115,16 +116,25 @@ class Variant:
     # boundary * 1000 (text2video.py / image2video.py: `t.item() >= boundary * num_train_timesteps`), the low-noise one
     # after. None: one DiT (TI2V-5B).
     boundary: float | None = None
+    # Training (train.py): the share of clips trained as image-to-video, conditioned on their first frame (1 for
+    # I2V-A14B, whose DiT always takes the condition; TI2V-5B does both, so half, as LTX-2's recipe mixes them).
+    train_first_frame: float = 0.0
 
 
 A14B = dict(frames=81, fps=16, size=(720, 1280), steps=40, vae_file="Wan2.1_VAE.pth", pixels_per_token=16)
 VARIANTS = {
-    "wan22-ti2v-5b": Variant("Wan-AI/Wan2.2-TI2V-5B"),
+    "wan22-ti2v-5b": Variant("Wan-AI/Wan2.2-TI2V-5B", train_first_frame=0.5),
     "wan22-t2v-a14b": Variant(
         "Wan-AI/Wan2.2-T2V-A14B", **A14B, cfg=(3.0, 4.0), shift=12.0, image="none", boundary=0.875
     ),
     "wan22-i2v-a14b": Variant(
-        "Wan-AI/Wan2.2-I2V-A14B", **A14B, cfg=(3.5, 3.5), shift=5.0, image="required", boundary=0.9
+        "Wan-AI/Wan2.2-I2V-A14B",
+        **A14B,
+        cfg=(3.5, 3.5),
+        shift=5.0,
+        image="required",
+        boundary=0.9,
+        train_first_frame=1.0,
     ),
 }
 DEFAULT_VARIANT = "wan22-ti2v-5b"
@@ -1520,8 +1530,46 @@ class WanPipeline:
             changed += [c.replace("transformer.", f"{attribute}.", 1) for c in layers]
         return changed
 
+    # -- training rules (train.py): the noise levels each expert learns, and image-to-video clips
+
     def training_kwargs(self) -> dict:
         return {}
+
+    def expert_sigmas(self, expert: str) -> tuple[float, float]:
+        """The noise levels an expert denoises, so the ones it is trained on: the high-noise expert from the boundary
+        up, the low-noise one below it (the official split, sampled as musubi-tuner's --preserve_distribution_shape
+        and diffusion-pipe do: the training distribution cut at the boundary); the one DiT of TI2V-5B all of them."""
+        if expert == "":
+            return 0.0, 1.0
+        boundary = self.defaults.boundary
+        # Below the boundary means a timestep int(sigma * 1000) < boundary * 1000: sigma just under the boundary.
+        return (boundary, 1.0) if expert == "high" else (0.0, math.nextafter(boundary, 0.0))
+
+    @torch.no_grad()
+    def training_condition(self, pixels: Tensor) -> dict[str, Tensor]:
+        """What an image-to-video training clip (B, 3, F, H, W) in [-1, 1] caches beside its latents: I2V-A14B's
+        condition of its first frame (image_condition, as the official pipeline builds it and musubi-tuner caches it);
+        nothing for TI2V-5B, whose condition is the clip's own first latent frame (the VAE is causal)."""
+        if self.transformer.params.in_dim == self.vae.params.z_dim:
+            return {}
+        return {"condition": self.image_condition(pixels[:, :, 0], pixels.shape[2])}
+
+    def training_inputs(self, x0: Tensor, x_sigma: Tensor, first_frame: Tensor, extras: dict):
+        """(x_sigma, velocity() keywords, loss weights or None) for a training batch whose samples `first_frame`
+        ((B,) bool) are image-to-video. TI2V-5B (the official token-replacement conditioning): their latent frame 0 is
+        the clean first frame at timestep 0, and is left out of the loss (DiffSynth-Studio's FlowMatchSFTLoss does so;
+        the frame is given, not predicted). I2V-A14B: the cached condition enters as extra channels, the whole clip is
+        noised at one timestep and every frame is in the loss, as musubi-tuner trains it (wan_train_network.py)."""
+        if "condition" in extras:
+            return x_sigma, {"condition": extras["condition"]}, None
+        if not first_frame.any():
+            return x_sigma, {}, None
+        rows = first_frame.to(x0.device)
+        x_sigma = x_sigma.clone()
+        x_sigma[rows, :, :1] = x0[rows, :, :1]
+        weights = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1, device=x0.device)
+        weights[rows, :, :1] = 0
+        return x_sigma, {"first_frame": first_frame}, weights
 
     @torch.no_grad()
     def encode(self, pixels: Tensor, **kw) -> Tensor:
