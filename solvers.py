@@ -230,9 +230,9 @@ _GAUSS_X, _GAUSS_W = np.polynomial.legendre.leggauss(8)
 def _gauss(lo, hi):
     """Gauss-Legendre points and weights on [lo, hi], 8 per piece of length <= 1."""
     pieces = max(1, math.ceil(hi - lo))
-    edges = np.linspace(lo, hi, pieces + 1)
-    half = (edges[1:] - edges[:-1])[:, None] / 2
-    return ((edges[:-1, None] + half) + half * _GAUSS_X).ravel(), (half * _GAUSS_W).ravel()
+    half = (hi - lo) / pieces / 2
+    mids = lo + half * (2 * np.arange(pieces) + 1)
+    return (mids[:, None] + half * _GAUSS_X).ravel(), np.tile(half * _GAUSS_W, pieces)
 
 
 def _pc_weights(sigma, sigma_next, node_sigmas):
