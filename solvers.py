@@ -231,8 +231,8 @@ def _gauss(lo, hi):
     """Gauss-Legendre points and weights on [lo, hi], 8 per piece of length <= 1."""
     pieces = max(1, math.ceil(hi - lo))
     half = (hi - lo) / pieces / 2
-    mids = lo + half * (2 * np.arange(pieces) + 1)
-    return (mids[:, None] + half * _GAUSS_X).ravel(), np.tile(half * _GAUSS_W, pieces)
+    points = [lo + half * (2 * k + 1) + half * _GAUSS_X for k in range(pieces)]
+    return np.concatenate(points), np.tile(half * _GAUSS_W, pieces)
 
 
 def _pc_weights(sigma, sigma_next, node_sigmas):
@@ -257,13 +257,14 @@ def _pc_weights(sigma, sigma_next, node_sigmas):
         weights.append(w * np.exp(lam))
     tau, weight = np.concatenate(taus), np.concatenate(weights) * sigma_next
     nodes = [_tau(s) for s in node_sigmas]
+    factors = [tau - tk for tk in nodes]
     out = []
     for j, tj in enumerate(nodes):
-        basis = np.ones_like(tau)
+        basis, scale = weight, 1.0
         for k, tk in enumerate(nodes):
             if k != j:
-                basis = basis * (tau - tk) / (tj - tk)
-        out.append(float((weight * basis).sum()))
+                basis, scale = basis * factors[k], scale * (tj - tk)
+        out.append(float(basis.sum()) / scale)
     return out
 
 
@@ -295,15 +296,18 @@ def _data_at_zero(points):
     return out
 
 
-def rfpc(velocity_fn, x, sigmas, callback=None, order=3, tail=2):
+def rfpc(velocity_fn, x, sigmas, callback=None, order=2, tail=2):
     """Predictor-corrector for rectified flow (see the notes above): UniP-style predictor with `order` nodes and
     UniC-style corrector with one more, both interpolating the data prediction in tau and integrated exactly; `tail`
     extra model calls inside the last interval when the schedule ends at sigma = 0, and an extrapolated final step.
-    Costs N + tail model calls for N steps (N when the schedule stops above 0). Global order = `order` (3: measured
-    3.0 from sigma = 0.5 and 3.6-3.9 from sigma = 1 on a Gaussian's exact flow, 64-1024 steps): the corrector adds an
-    order in the interior, but it uses m at the predicted point, as UniPC does, and near sigma = 0, where no step is
-    small relative to sigma, that point's error enters with an O(1) weight. Exact for straight paths; finite on any
-    decreasing schedule in [0, 1], including one step from 1 to 0."""
+    Costs N + tail model calls for N steps (N when the schedule stops above 0). Global order = `order`: the corrector
+    adds one in the interior, but it uses m at the predicted point, as UniPC does, and near sigma = 0, where no step is
+    small relative to sigma, that point's error enters with an O(1) weight (measured on a Gaussian's exact flow,
+    16-128 steps: 1.9-2.0 for order 2; 3.1 from sigma = 0.5 and 3.6 from sigma = 1 for order 3). Order 2 is the
+    default: on the exact flows of ../shared/solver-bench it is within ~10% of order 3 up to 50 calls, and on the
+    tiny random models, whose fields are far rougher, order 3's quadratic extrapolation is the less robust
+    (benchmarks/bench_solvers.py). Exact for straight paths; finite on any decreasing schedule in [0, 1], including
+    one step from 1 to 0."""
     s = _sigma_list(sigmas)
     n = len(s) - 1
     if s[-1] == 0 and tail > 0:
@@ -333,9 +337,9 @@ def rfpc(velocity_fn, x, sigmas, callback=None, order=3, tail=2):
     return x
 
 
-def rfpc1(velocity_fn, x, sigmas, callback=None, order=3):
-    """rfpc with one extra call instead of two (N + 1 calls for N steps): half of rfpc's gain on shifted schedules,
-    but ahead of UniPC also on unshifted ones at 6-7 calls, where rfpc's two extra calls cost more than they give."""
+def rfpc1(velocity_fn, x, sigmas, callback=None, order=2):
+    """rfpc with one extra call instead of two (N + 1 calls for N steps): about half of rfpc's gain on shifted
+    schedules, but the better of the two at 4-6 calls on unshifted ones, where a schedule point is worth more."""
     return rfpc(velocity_fn, x, sigmas, callback, order=order, tail=1)
 
 

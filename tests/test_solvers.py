@@ -354,11 +354,11 @@ def gaussian_solution(noise, sigma):
 @pytest.mark.parametrize(
     "start, orders",
     [
-        # From pure noise the first steps, where m is nearly affine in alpha, cost little: measured slopes 3.5-3.7 for
-        # rfpc(1) over 16..128 steps. The formal order is 3 (see rfpc's docstring), which an image-to-image start
-        # inside the high-SNR half shows exactly (measured 3.00).
-        (1.0, {"rfpc": (3.2, 4.2), "rfpc1": (3.2, 4.2), "rfpc order 2": (1.8, 2.4), "euler": (0.9, 1.1)}),
-        (0.5, {"rfpc": (2.8, 3.3), "rfpc1": (2.8, 3.3), "rfpc order 2": (1.8, 2.4), "euler": (0.9, 1.1)}),
+        # Order = `order` (see rfpc's docstring). From pure noise the first steps, where m is nearly affine in alpha,
+        # cost little, so order 3 shows more than 3 over 16..128 steps (measured 3.60); an image-to-image start inside
+        # the high-SNR half shows it exactly (measured 3.07). Order 2 (the default) measures 1.93-1.98.
+        (1.0, {"rfpc": (1.8, 2.4), "rfpc1": (1.8, 2.4), "rfpc order 3": (3.2, 4.2), "euler": (0.9, 1.1)}),
+        (0.5, {"rfpc": (1.8, 2.4), "rfpc1": (1.8, 2.4), "rfpc order 3": (2.8, 3.3), "euler": (0.9, 1.1)}),
     ],
 )
 def test_rfpc_convergence_order(start, orders):
@@ -367,47 +367,54 @@ def test_rfpc_convergence_order(start, orders):
     methods = {
         "rfpc": solvers.rfpc,
         "rfpc1": solvers.rfpc1,
-        "rfpc order 2": lambda v, x, s: solvers.rfpc(v, x, s, order=2),
+        "rfpc order 3": lambda v, x, s: solvers.rfpc(v, x, s, order=3),
         "euler": solvers.euler,
     }
     steps = [16, 32, 64, 128]
     errors = {
-        name: [(f(gaussian_velocity, x, solvers.linear_sigmas(n, start)) - reference).pow(2).mean().sqrt().item()
-               for n in steps]
+        name: [
+            (f(gaussian_velocity, x, solvers.linear_sigmas(n, start)) - reference).pow(2).mean().sqrt().item()
+            for n in steps
+        ]
         for name, f in methods.items()
     }
     measured = {name: observed_order(steps, e) for name, e in errors.items()}
     assert all(lo <= measured[name] <= hi for name, (lo, hi) in orders.items()), measured
-    unipc = solvers.unipc(gaussian_velocity, x, solvers.linear_sigmas(32, start))
-    assert errors["rfpc"][1] < (unipc - reference).pow(2).mean().sqrt().item() / 20, errors
+    # and at equal model calls (34) it is ahead of UniPC, far ahead at order 3 (measured 1.9-2.1x and 15-20x)
+    unipc = (solvers.unipc(gaussian_velocity, x, solvers.linear_sigmas(34, start)) - reference).pow(2).mean().sqrt()
+    assert errors["rfpc"][1] < unipc / 1.7 and errors["rfpc order 3"][1] < unipc / 10, (errors, unipc)
 
 
 def test_rfpc_exact_for_a_flat_data_prediction():
     # v = (x - m(sigma)) / sigma with m = a + b rho^2 (rho = sigma / (1 - sigma)) is affine in x, and m has the flat
-    # end at sigma = 0 that the ODE gives every smooth field. Below sigma = 1/2 rfpc interpolates m in rho, exactly
-    # for this m once three nodes are in (the warm-up steps are not exact, so the last three points must be past
-    # them), and its final step extrapolates m to rho = 0 in a + b rho^2 + c rho^3: the answer is a exactly.
-    # The reference solvers stop at m(sigma_(N-1)) = a + b rho_(N-1)^2.
+    # end at sigma = 0 that the ODE gives every smooth field. Below sigma = 1/2 rfpc interpolates m in rho: with
+    # order 3 exactly for this m once three nodes are in (the predictor too, so that the correction of m to the
+    # corrected state is zero; the warm-up steps are not exact, so the last three points must be past them), and its
+    # final step extrapolates m to rho = 0 in a + b rho^2 + c rho^3: the answer is a exactly. The reference solvers
+    # stop at m(sigma_(N-1)) = a + b rho_(N-1)^2.
     a = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64)
     b = torch.tensor([[1.5, 0.4, -3.0]], dtype=torch.float64)
     velocity_fn = lambda x, sigma: (x - a - b * (sigma / (1 - sigma)) ** 2) / sigma
     x = torch.tensor([[1.0, 0.5, -0.7]], dtype=torch.float64)
     for steps in [6, 9, 20]:
         sigmas = solvers.linear_sigmas(steps, start=0.45)
-        for solve in [solvers.rfpc, solvers.rfpc1]:
-            torch.testing.assert_close(solve(velocity_fn, x, sigmas), a, rtol=0, atol=1e-12)
+        for tail in [1, 2]:
+            out = solvers.rfpc(velocity_fn, x, sigmas, order=3, tail=tail)
+            torch.testing.assert_close(out, a, rtol=0, atol=1e-12)
         assert (solvers.unipc(velocity_fn, x, sigmas) - a).abs().max() > 1e-4
 
 
 def test_rfpc_calls_at_the_schedule_points_and_inside_the_last_interval(noise):
     sigmas = solvers.static_shift(solvers.linear_sigmas(10), 3.0)
     last = sigmas[-2].item()
+    seen = []
+    recording = lambda x, sigma: seen.append(sigma) or gmm_velocity(x, sigma)
     for solve, tail in [(solvers.rfpc, [2 / 3 * last, 1 / 3 * last]), (solvers.rfpc1, [last / 2])]:
-        seen = []
-        solve(lambda x, sigma: seen.append(sigma) or gmm_velocity(x, sigma), noise, sigmas)
+        seen.clear()
+        solve(recording, noise, sigmas)
         assert seen == pytest.approx(sigmas[:-1].tolist() + tail, rel=1e-15, abs=0)
-    seen = []  # a schedule that stops above 0 has no last interval to split: one call per step
-    solvers.rfpc(lambda x, sigma: seen.append(sigma) or gmm_velocity(x, sigma), noise, sigmas[:-1])
+    seen.clear()  # a schedule that stops above 0 has no last interval to split: one call per step
+    solvers.rfpc(recording, noise, sigmas[:-1])
     assert seen == sigmas[:-2].tolist()
 
 
@@ -421,19 +428,21 @@ def every_schedule(steps):
         "FLUX.1 1024px": solvers.time_shift(even, solvers.flux1_mu(4096)),
         "FLUX.2 1024px": solvers.time_shift(even, solvers.flux2_mu(4096, steps)),
         # Wan's FlowUniPC: the even grid starts at 1 - 1/1000, then shift 5
-        "Wan": torch.cat([solvers.static_shift(torch.linspace(1 - 1e-3, 0, steps + 1, dtype=torch.float64), 5.0)]),
+        "Wan": solvers.static_shift(torch.linspace(1 - 1e-3, 0, steps + 1, dtype=torch.float64), 5.0),
     }
 
 
-@pytest.mark.parametrize("name", ["rfpc", "rfpc1", "unipc"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rfpc", "rfpc1"])
 def test_finite_for_every_step_count_on_every_schedule(name):
-    # float32 state and bf16 velocities, as on a GPU.
+    # float32 state and bf16 velocities, as on a GPU; the progress callback sees the schedule's steps.
     solve = solvers.SOLVERS[name]
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     velocity_fn = lambda x, sigma: gmm_velocity(x, sigma).bfloat16()
+    calls = []
     for steps in range(1, 101):
         for schedule, sigmas in every_schedule(steps).items():
-            calls = []
+            calls.clear()
             out = solve(velocity_fn, x, sigmas.float(), callback=lambda i, n: calls.append(i))
             assert out.dtype == torch.float32 and torch.isfinite(out).all(), (schedule, steps)
             assert calls == list(range(1, steps + 1)), (schedule, steps)
@@ -441,26 +450,30 @@ def test_finite_for_every_step_count_on_every_schedule(name):
 
 @pytest.fixture(scope="module")
 def tiny_flux1(flux1_repo):
+    """The tiny FLUX.1-dev's velocity for one random conditioning, with its time embedder low-passed: random weights
+    on the fast sinusoids of 1000 sigma (periods down to 0.006 in sigma) make the field oscillate in sigma far faster
+    than any schedule resolves, which trained models do not do; zeroing them (periods < 0.3 kept) leaves a random
+    field that is smooth in sigma, so that convergence can be seen (benchmarks/bench_solvers.py measures both)."""
     import flux1
 
     pipe = flux1.load(flux1_repo[0], device="cpu", dtype=torch.float32)
+    fast = 1000 * torch.exp(-math.log(10_000) * torch.arange(128) / 128) > 20
+    with torch.no_grad():
+        pipe.transformer.time_in.in_layer.weight[:, torch.cat([fast, fast])] = 0
     g = torch.Generator().manual_seed(0)
     cond = {"txt": torch.randn(1, 7, 48, generator=g), "vec": torch.randn(1, 24, generator=g)}
     noise = torch.randn(1, 16, 8, 8, generator=g)
     return lambda x, sigma: pipe.velocity(x, sigma, cond, guidance=3.5), noise, flux1.schedule
 
 
-@pytest.mark.slow
-def test_rfpc_and_euler_agree_as_steps_grow_on_tiny_flux1(tiny_flux1):
-    # On a real model's velocity field (random weights), with FLUX.1's 1024px schedule: Euler converges, at first
-    # order, to the solution rfpc reaches in few steps; rfpc at 12 steps (14 calls) is closer to it than Euler at 48.
+def test_euler_converges_to_rfpc_on_tiny_flux1(tiny_flux1):
+    # The same ODE on a real model's velocity field, with FLUX.1's 1024px schedule: Euler's distance to rfpc's
+    # 64-step answer shrinks at first order as its steps grow (measured 1.6e-2, 6.0e-3, 2.2e-3).
     velocity_fn, noise, schedule = tiny_flux1
     sigmas = lambda n: schedule(n, 1024, 1024)
-    reference = solvers.rfpc(velocity_fn, noise, sigmas(48))
-    euler = [rel(solvers.euler(velocity_fn, noise, sigmas(n)), reference) for n in (12, 24, 48)]
-    assert euler[0] > 1.7 * euler[1] > 1.7**2 * euler[2], euler
-    assert rel(solvers.rfpc(velocity_fn, noise, sigmas(12)), reference) < euler[2] / 3, euler
-    assert rel(solvers.rfpc(velocity_fn, noise, sigmas(24)), reference) < euler[2] / 30, euler
+    reference = solvers.rfpc(velocity_fn, noise, sigmas(64))
+    euler = [rel(solvers.euler(velocity_fn, noise, sigmas(n)), reference) for n in (16, 32, 64)]
+    assert euler[0] > 1.7 * euler[1] > 1.7**2 * euler[2] and euler[2] < 5e-3, euler
 
 
 def test_sample_cli_lists_every_solver():
