@@ -195,7 +195,7 @@ def unipc(velocity_fn, x, sigmas, order=2, callback=None):
 # interval (sigma_(N-1) = shift / (N + shift - 1), 0.10 at 28 FLUX.1 steps), every reference solver crosses it with a
 # first-order step (x_0 = m(sigma_(N-1))), and polynomials in lambda are a poor model of m near either end: lambda is
 # infinite there and the lambda-widths of evenly spaced steps near sigma = 0 or 1, log((k + 1) / k), do not shrink as
-# N grows. Measured on an exact flow (../shared/solver-bench, D = 16, shift 3, 28 calls) the last step alone is ~2/3
+# N grows. Measured on an exact flow (../shared/solver-bench, D = 16, shift 3, 28 calls) the last step alone is 60%
 # of UniPC's error. rfpc keeps UniPC's one-call-per-point predictor-corrector structure and changes three things:
 #  1. The data prediction m is interpolated in tau(lambda), which is lambda itself in the middle, -1 <= lambda <= 0
 #     (as in DPM-Solver++ and UniPC: there a polynomial in lambda fits m whatever the scale of the data), and near
@@ -304,10 +304,10 @@ def rfpc(velocity_fn, x, sigmas, callback=None, order=2, tail=2):
     adds one in the interior, but it uses m at the predicted point, as UniPC does, and near sigma = 0, where no step is
     small relative to sigma, that point's error enters with an O(1) weight (measured on a Gaussian's exact flow,
     16-128 steps: 1.9-2.0 for order 2; 3.1 from sigma = 0.5 and 3.6 from sigma = 1 for order 3). Order 2 is the
-    default: on the exact flows of ../shared/solver-bench it is within ~10% of order 3 up to 50 calls, and on the
-    tiny random models, whose fields are far rougher, order 3's quadratic extrapolation is the less robust
-    (benchmarks/bench_solvers.py). Exact for straight paths; finite on any decreasing schedule in [0, 1], including
-    one step from 1 to 0."""
+    default: on the exact flows of ../shared/solver-bench it is level with order 3 up to ~25 calls and behind by up to
+    2x at 50, but on the tiny random models, whose fields are far rougher, order 3's quadratic extrapolation
+    overshoots at few calls (benchmarks/bench_solvers.py). Exact for straight paths; finite on any decreasing
+    schedule in [0, 1], including one step from 1 to 0."""
     s = _sigma_list(sigmas)
     n = len(s) - 1
     if s[-1] == 0 and tail > 0:
