@@ -721,8 +721,7 @@ class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
-        if sum(p.axes_dim) != p.hidden_size // p.num_heads:
-            raise ValueError(f"axes_dim {p.axes_dim} must sum to head_dim {p.hidden_size // p.num_heads}")
+        check_rope_axes(p.axes_dim, p.hidden_size // p.num_heads)
         self.img_in = nn.Linear(p.in_channels, p.hidden_size)
         self.time_in = MLPEmbedder(256, p.hidden_size)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size)
@@ -763,8 +762,19 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
-    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks)."""
+def check_rope_axes(axes_dim, head_dim: int, source: str = "axes_dim"):
+    """RoPE rotates channel pairs, axis by axis: every axis needs an even width and together they cover the head."""
+    if any(d <= 0 or d % 2 for d in axes_dim) or sum(axes_dim) != head_dim:
+        raise ValueError(
+            f"RoPE axes {tuple(axes_dim)} ({source}) are invalid for head_dim {head_dim}: each must be a positive even "
+            f"number and they must sum to {head_dim}; give them in the repo's transformer/config.json "
+            '("axes_dims_rope")'
+        )
+
+
+def flux_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> FluxParams:
+    """Read depth, widths and the guidance embedder from the checkpoint (Flex.1-alpha has 8 double blocks). The RoPE
+    split of the head is not in the weights: `axes_dim` (from the repo's transformer/config.json) or FLUX.1's."""
     hidden, in_channels = sd["img_in.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("double_blocks.")})
     depth_single = len({k.split(".")[1] for k in sd if k.startswith("single_blocks.")})
@@ -776,8 +786,12 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         head_dim = sd["single_blocks.0.norm.query_norm.scale"].shape[0]
         mlp_hidden = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
         qkv_bias = True
-    # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); smaller test models keep the ratios.
-    axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+    if axes_dim is None:
+        # FLUX.1 splits a 128-wide head as (16, 56, 56) over (unused, row, column); other widths keep the ratios.
+        axes_dim = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)
+        check_rope_axes(axes_dim, head_dim, source="inferred from FLUX.1's 16:56:56 split")
+    else:
+        check_rope_axes(axes_dim, head_dim, source="transformer/config.json")
     return FluxParams(
         in_channels=in_channels,
         vec_in_dim=sd["vector_in.in_layer.weight"].shape[1],
@@ -787,13 +801,14 @@ def flux_params_from_state_dict(sd: dict[str, Tensor]) -> FluxParams:
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single_blocks=depth_single,
-        axes_dim=axes_dim,
+        axes_dim=tuple(axes_dim),
         qkv_bias=qkv_bias,
         guidance_embed="guidance_in.in_layer.weight" in sd,
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
     sd = read_weights(path)
     # Single files saved by ComfyUI-style tools (Flex.1-alpha) put every key under `model.diffusion_model.`.
     prefix = "model.diffusion_model."
@@ -802,7 +817,7 @@ def load_transformer(path, device="cpu", dtype=torch.bfloat16) -> Flux:
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.1 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):
-        model = Flux(flux_params_from_state_dict(sd))
+        model = Flux(flux_params_from_state_dict(sd, axes_dim))
     return load_into(model, sd, path).to(device, dtype).eval().requires_grad_(False)
 
 
@@ -1024,6 +1039,207 @@ def load_ae(root, device="cpu", dtype=torch.float32) -> AutoEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# FLUX.1 Redux: image prompts. A SigLIP so400m vision tower (google/siglip-so400m-patch14-384; the Redux repo's
+# `image_encoder/`, transformers' SiglipVisionModel key names) turns each image into 27 x 27 = 729 feature tokens, and
+# the Redux projection (`flux1-redux-dev.safetensors`) maps them to T5's width; the transformer reads them as extra
+# text tokens after the T5 tokens (BFL's flux/sampling.py `prepare_redux`).
+
+REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"  # gated, like FLUX.1-dev
+REDUX_FILE = "flux1-redux-dev.safetensors"  # BFL's format; the repo's diffusers `image_embedder/` has the same keys
+REDUX_FILES = [REDUX_FILE, "image_encoder/*", "feature_extractor/*"]
+
+
+@dataclass
+class SiglipVisionConfig:
+    """Defaults are SigLIP so400m/14 at 384 px, as in the Redux repo's `image_encoder/config.json`."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "SiglipVisionConfig":
+        return config_from_dict(cls, config.get("vision_config", config))  # a full SiglipModel config works too
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-LayerNorm ViT block."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Module()  # fc1, GELU (tanh approximation: transformers' "gelu_pytorch_tanh"), fc2
+        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
+        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class SiglipVisionModel(nn.Module):
+    """pixel_values (B, 3, S, S), normalised -> last hidden state (B, (S / patch)^2, hidden), after the final LayerNorm.
+    SigLIP's attention-pooling head is not built: Redux reads the token features, not the pooled embedding."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        if config.hidden_act != "gelu_pytorch_tanh":
+            raise ValueError(f"SigLIP hidden_act {config.hidden_act!r} is not supported (expected gelu_pytorch_tanh)")
+        self.config = c = config
+        self.vision_model = vm = nn.Module()  # module names reproduce the checkpoint keys (vision_model.encoder...)
+        vm.embeddings = nn.Module()
+        vm.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        vm.embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
+        vm.encoder = nn.Module()
+        vm.encoder.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+        vm.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        vm = self.vision_model
+        weight = vm.embeddings.patch_embedding.weight
+        x = vm.embeddings.patch_embedding(pixel_values.to(weight)).flatten(2).transpose(1, 2)  # row-major patches
+        if x.shape[1] != vm.embeddings.position_embedding.num_embeddings:
+            raise ValueError(f"SigLIP expects {self.config.image_size}px inputs, got {tuple(pixel_values.shape[-2:])}")
+        x = x + vm.embeddings.position_embedding.weight
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return vm.post_layernorm(x)
+
+
+@dataclass
+class SiglipPreprocess:
+    """transformers' SiglipImageProcessor settings; defaults are the Redux repo's `feature_extractor/`."""
+
+    size: tuple[int, int] = (384, 384)  # (height, width)
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path) -> "SiglipPreprocess":
+        c = json.loads(Path(path).read_text())
+        size = c.get("size", {"height": 384, "width": 384})
+        if c.get("do_center_crop") or not c.get("do_resize", True) or not {"height", "width"} <= size.keys():
+            raise ValueError(f"{path}: only a plain resize to a fixed height x width is supported")
+        return cls(
+            size=(size["height"], size["width"]),
+            resample=c.get("resample", cls.resample),
+            rescale_factor=c.get("rescale_factor", cls.rescale_factor) if c.get("do_rescale", True) else 1.0,
+            image_mean=tuple(c.get("image_mean", cls.image_mean)) if c.get("do_normalize", True) else (0.0,) * 3,
+            image_std=tuple(c.get("image_std", cls.image_std)) if c.get("do_normalize", True) else (1.0,) * 3,
+        )
+
+    def __call__(self, images: list) -> Tensor:
+        """PIL images -> (B, 3, H, W) float32, as the processor does it: any transparency composited onto white,
+        RGB, one resize of the whole image to H x W (no crop: the aspect ratio is not kept), then x * rescale_factor
+        (computed in float64) and (x - mean) / std."""
+        out = []
+        for image in images:
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA"))
+            image = image.convert("RGB").resize(self.size[::-1], resample=self.resample)
+            x = (torch.from_numpy(np.asarray(image, dtype=np.float64)) * self.rescale_factor).float()
+            mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
+            out.append(((x - mean) / std).permute(2, 0, 1))
+        return torch.stack(out)
+
+
+class ReduxImageEncoder(nn.Module):
+    """BFL's Redux projection (flux/modules/image_embedders.py): SigLIP features -> 3x-wide Linear, SiLU, Linear to
+    the T5 width. diffusers' ReduxImageEncoder has the same names and activation."""
+
+    def __init__(self, redux_dim: int = 1152, txt_in_features: int = 4096):
+        super().__init__()
+        self.redux_up = nn.Linear(redux_dim, txt_in_features * 3)
+        self.redux_down = nn.Linear(txt_in_features * 3, txt_in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.redux_down(F.silu(self.redux_up(x)))
+
+
+class Redux(nn.Module):
+    """Images -> Redux tokens (len(images), 729, 4096): preprocessing, SigLIP, projection."""
+
+    def __init__(self, siglip: SiglipVisionModel, embedder: ReduxImageEncoder, preprocess: SiglipPreprocess, source):
+        super().__init__()
+        self.siglip, self.embedder, self.preprocess, self.source = siglip, embedder, preprocess, source
+
+    @torch.no_grad()
+    def forward(self, images) -> Tensor:
+        pixels = self.preprocess([read_image(image, "image prompt") for image in image_list(images)])
+        return self.embedder(self.siglip(pixels.to(self.embedder.redux_up.weight.device)))
+
+
+def image_list(images) -> list:
+    """One image (a path or a PIL image) or several -> a list."""
+    return [images] if isinstance(images, str | Path | Image.Image) else list(images)
+
+
+def load_siglip(folder, device="cpu", dtype=torch.float32) -> SiglipVisionModel:
+    """SigLIP vision tower from a transformers folder (the Redux repo's `image_encoder/`)."""
+    config = SiglipVisionConfig.from_dict(read_config(folder))
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    state_dict = read_weights(folder)
+    # transformers >= 5 saves SiglipVisionModel without the "vision_model." prefix that the Redux repo's file has.
+    if not any(k.startswith("vision_model.") for k in state_dict):
+        state_dict = {f"vision_model.{k}": v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vision_model.head.")}  # pooling head
+    state_dict.pop("vision_model.embeddings.position_ids", None)  # a buffer older transformers saved
+    return load_into(model, state_dict, folder).to(device, dtype).eval().requires_grad_(False)
+
+
+def load_redux(name_or_path=REDUX_REPO, device="cpu", dtype=torch.bfloat16) -> Redux:
+    """FLUX.1 Redux from a folder laid out like black-forest-labs/FLUX.1-Redux-dev (`flux1-redux-dev.safetensors` or
+    diffusers' `image_embedder/`, `image_encoder/`, optionally `feature_extractor/`), or that repo (downloaded)."""
+    root = Path(str(name_or_path)).expanduser()
+    if not root.is_dir():
+        if str(name_or_path) != REDUX_REPO:
+            raise FileNotFoundError(f"FLUX.1 Redux folder {root} does not exist")
+        root = download(REDUX_REPO, REDUX_FILES, gated=True, local="--redux DIR")
+    embedder_path = root / REDUX_FILE if (root / REDUX_FILE).is_file() else root / "image_embedder"
+    if not embedder_path.exists() or not (root / "image_encoder").is_dir():
+        raise FileNotFoundError(f"{root}: expected FLUX.1 Redux weights ({REDUX_FILE} and image_encoder/)")
+    sd = read_weights(embedder_path)
+    if "redux_up.weight" not in sd:
+        raise ValueError(f"{embedder_path}: not a FLUX.1 Redux projection (no redux_up.weight)")
+    with torch.device("meta"):
+        embedder = ReduxImageEncoder(sd["redux_up.weight"].shape[1], sd["redux_down.weight"].shape[0])
+    embedder = load_into(embedder, sd, embedder_path).to(device, dtype).eval().requires_grad_(False)
+    siglip = load_siglip(root / "image_encoder", device, dtype)
+    preprocess_file = root / "feature_extractor" / "preprocessor_config.json"
+    preprocess = SiglipPreprocess.from_file(preprocess_file) if preprocess_file.is_file() else SiglipPreprocess()
+    if preprocess.size != (siglip.config.image_size,) * 2:
+        size = siglip.config.image_size
+        raise ValueError(f"{root}: feature_extractor size {preprocess.size} does not fit SigLIP's {size}px input")
+    return Redux(siglip, embedder, preprocess, str(name_or_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # LoRA: which layers train by default, the file format written, and the diffusers names LoRAs from the wild may use
 
 LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay frozen
@@ -1039,6 +1255,12 @@ LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay fro
     "single_blocks.*.linear2",
 ]
 LORA_FORMAT = "kohya"  # lora_unet_<BFL name>: what kohya/ai-toolkit write for FLUX.1, loaded by ComfyUI and diffusers
+# What kohya's sd-scripts writes for FLUX.1 LoRAs (library/sai_model_spec.py, flux_utils.MODEL_VERSION_FLUX_V1).
+LORA_METADATA = {
+    "ss_base_model_version": "flux1",
+    "modelspec.architecture": "flux-1-dev/lora",
+    "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+}
 
 # diffusers' FluxTransformer2DModel names -> BFL names (diffusers' single-file converter, inverted). Projections that
 # BFL fuses are listed in order of their concatenation.
@@ -1081,47 +1303,41 @@ DIFFUSERS_FUSED_DOUBLE = {
 DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 
 
-def diffusers_names(params: FluxParams) -> list[str]:
-    """Every diffusers module path of a model with these params (to read OneTrainer/PEFT/kohya-diffusers LoRAs)."""
-    names = list(DIFFUSERS_TOP)
-    for i in range(params.depth):
-        parts = [*DIFFUSERS_DOUBLE, *sum(DIFFUSERS_FUSED_DOUBLE.values(), [])]
-        names += [f"transformer_blocks.{i}.{n}" for n in parts]
-    for i in range(params.depth_single_blocks):
-        parts = [*DIFFUSERS_SINGLE, *sum(DIFFUSERS_FUSED_SINGLE.values(), [])]
-        names += [f"single_transformer_blocks.{i}.{n}" for n in parts]
-    return names
+def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]]:
+    """diffusers' names of FLUX.1's layers, as PEFT, SimpleTuner, OneTrainer and DiffSynth files use them -> rows of
+    ours (lora.route): q, k, v (and the single blocks' MLP input) take their rows of BFL's fused linear, and the final
+    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale)."""
+    h, mlp, whole = params.hidden_size, int(params.hidden_size * params.mlp_ratio), slice(None)
+    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
+    final = DIFFUSERS_TOP["norm_out.linear"]
+    aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
+    blocks = [
+        (f"transformer_blocks.{i}", f"double_blocks.{i}", DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
+        for i in range(params.depth)
+    ]
+    blocks += [
+        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE)
+        for i in range(params.depth_single_blocks)
+    ]
+    for theirs, ours, renames, fused in blocks:
+        aliases |= {f"{theirs}.{name}": [(f"{ours}.{to}", whole, whole)] for name, to in renames.items()}
+        for to, parts in fused.items():
+            start = 0
+            for name, size in zip(parts, [h, h, h, mlp]):  # q, k, v (, mlp) in the order BFL concatenates them
+                aliases[f"{theirs}.{name}"] = [(f"{ours}.{to}", whole, slice(start, start + size))]
+                start += size
+    return aliases
 
 
-def lora_to_bfl(pairs: dict, params: FluxParams) -> dict:
-    """LoRA pairs named like diffusers' modules -> BFL names; q/k/v (and the single blocks' MLP input) are fused
-    exactly into one LoRA of the fused linear. Pairs already in BFL names pass through."""
-    out, fused = {}, {}
-    for name, pair in pairs.items():
-        if name in DIFFUSERS_TOP:
-            if name == "norm_out.linear":
-                raise ValueError("LoRAs on norm_out.linear (final adaLN) are not supported")
-            out[DIFFUSERS_TOP[name]] = pair
-        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", name):
-            single, i, rest = m[1], m[2], m[3]
-            renames, groups = (
-                (DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE) if single else (DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
-            )
-            block = f"{'single' if single else 'double'}_blocks.{i}"
-            if rest in renames:
-                out[f"{block}.{renames[rest]}"] = pair
-                continue
-            target = next((t for t, srcs in groups.items() if rest in srcs), None)
-            if target is None:
-                raise ValueError(f"LoRA module {name} has no FLUX.1 counterpart")
-            fused.setdefault(f"{block}.{target}", {})[groups[target].index(rest)] = pair
-        else:
-            out[name] = pair
-    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
-    for name, parts in fused.items():
-        sizes = [h, h, h, mlp] if name.endswith("linear1") else [h, h, h]
-        out[name] = lora.fuse([parts.get(i) for i in range(len(sizes))], sizes)
-    return out
+def clip_lora_aliases(clip: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """CLIP's layer names as transformers >= 5 writes them, without the "text_model." prefix that FLUX.1's checkpoint,
+    kohya's lora_te1_ keys and older diffusers files have (and our module keeps)."""
+    whole = slice(None)
+    return {
+        n.removeprefix("text_model."): [(n, whole, whole)]
+        for n, _ in clip.named_modules()
+        if n.startswith("text_model.")
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1145,22 +1361,34 @@ def locate(name_or_path, variant: str | None, variants: dict, family: str, detec
     raise ValueError(f"unknown {family} variant {name_or_path!r}; choose one of {', '.join(variants)} or a folder")
 
 
-def download(repo: str, patterns: list[str], gated: bool) -> Path:
+def download(repo: str, patterns: list[str], gated: bool, local: str = "--weights DIR") -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # network, auth and gating errors all end here with one actionable line
-        hint = (
-            f" {repo} is gated: accept its licence on https://huggingface.co/{repo}, then run `hf auth login`"
-            " (or set HF_TOKEN)."
-            if gated
-            else ""
-        )
-        raise FileNotFoundError(
-            f"could not download {repo} ({type(e).__name__}).{hint} Or use a local copy laid out like the repo "
-            "(sample.py/train.py --weights DIR)."
-        ) from None
+        raise FileNotFoundError(download_failure(repo, e, gated, local)) from None
+
+
+def download_failure(repo: str, error: Exception, gated: bool, local: str = "--weights DIR") -> str:
+    """One line: that the download failed, why (as far as the Hub's exception tells), then what to do."""
+    name = type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    login = "log in once with `hf auth login` (or set HF_TOKEN)"
+    licence = f"accept the licence on https://huggingface.co/{repo}"
+    if name == "GatedRepoError" or (gated and status in (401, 403)):
+        why = "access denied: the repo is gated and you are not logged in or have not accepted its licence"
+        fix = f"{licence}, then {login}"
+    elif name == "RepositoryNotFoundError" or status == 401:
+        why, fix = "the repo was not found or needs a login", f"check the name, {login}"
+    elif name in ("LocalEntryNotFoundError", "ConnectionError", "ConnectError", "Timeout", "OfflineModeIsEnabled"):
+        why, fix = "no connection to huggingface.co and the files are not in the local cache", "check the network"
+    else:
+        why = f"{name}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        fix = f"{licence} and {login}" if gated else "try again"
+    return (
+        f"could not download {repo} ({why}). To fix: {fix}; or pass a local copy laid out like the repo with {local}."
+    )
 
 
 def detect_variant(root: Path) -> str:
@@ -1171,8 +1399,18 @@ def detect_variant(root: Path) -> str:
 
 
 def component_files(v: Variant) -> list[str]:
-    files = [v.transformer_file, "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]
-    return files + ([v.ae_file] if v.ae_file else ["vae/*"])
+    files = [v.transformer_file, "transformer/config.json", "text_encoder/*", "text_encoder_2/*", "tokenizer/*"]
+    return files + ["tokenizer_2/*"] + ([v.ae_file] if v.ae_file else ["vae/*"])
+
+
+def repo_axes_dim(root: Path):
+    """The RoPE split the repo states in its diffusers `transformer/config.json` ("axes_dims_rope"), if it has one:
+    the only hyper-parameter the BFL file's shapes cannot tell."""
+    config = root / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    axes = read_config(config.parent).get("axes_dims_rope")
+    return tuple(int(a) for a in axes) if axes is not None else None
 
 
 def find_transformer_file(root: Path, v: Variant) -> Path:
@@ -1184,23 +1422,39 @@ def find_transformer_file(root: Path, v: Variant) -> Path:
     raise FileNotFoundError(f"{root}: expected the transformer file {v.transformer_file} (BFL format)")
 
 
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's `disable`: progress bars only on a terminal (None = off when not a TTY), never with progress=False."""
+    return None if progress else True
+
+
+def loading_bar(variant: str, parts: int, progress: bool) -> tqdm:
+    """A progress bar over a pipeline's parts while they load (and move to the device): shared by the model files."""
+    return tqdm(total=parts, desc=f"loading {variant}", disable=bar_disabled(progress), unit="part", leave=False)
+
+
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "Flux1Pipeline":
     """Load the whole pipeline from a variant name (downloads from Hugging Face) or a folder laid out like the repo:
     `<transformer>.safetensors`, `ae.safetensors` (or `vae/`), `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
-    `tokenizer_2/`."""
+    `tokenizer_2/`. progress: show a bar over the parts."""
     root, variant = locate(name_or_path, variant, VARIANTS, "FLUX.1", detect_variant, component_files)
     v = VARIANTS[variant]
-    transformer = load_transformer(find_transformer_file(root, v), device, dtype)
+    transformer_file = find_transformer_file(root, v)
     ae_path = root / "ae.safetensors" if (root / "ae.safetensors").is_file() else root / "vae"
     if not ae_path.exists():
         raise FileNotFoundError(f"{root}: expected the autoencoder as ae.safetensors or a diffusers vae/ folder")
-    ae = load_ae(ae_path, device, dtype)
     clip_tokenizer = CLIPTokenizer(root / "tokenizer" / "vocab.json", root / "tokenizer" / "merges.txt")
     t5_tokenizer = T5Tokenizer(root / "tokenizer_2" / "tokenizer.json")
-    clip = load_clip(root / "text_encoder", device, dtype)
-    t5 = load_t5(root / "text_encoder_2", device, dtype)
+    with loading_bar(variant, 4, progress) as bar:
+        transformer = load_transformer(transformer_file, device, dtype, repo_axes_dim(root))
+        bar.update()
+        ae = load_ae(ae_path, device, dtype)
+        bar.update()
+        clip = load_clip(root / "text_encoder", device, dtype)
+        bar.update()
+        t5 = load_t5(root / "text_encoder_2", device, dtype)
+        bar.update()
     return Flux1Pipeline(transformer, ae, clip, t5, clip_tokenizer, t5_tokenizer, variant)
 
 
@@ -1230,16 +1484,21 @@ def to_pil(pixels: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+def read_image(image, what: str = "image") -> Image.Image:
+    """A PIL image as is, or a path opened and turned upright by its EXIF orientation; a clear error otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            return ImageOps.exif_transpose(opened)  # a loaded copy, also when there is nothing to turn
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {image}: {e}") from None
+
+
 def image_to_tensor(image, height: int | None, width: int | None, multiple: int) -> Tensor:
     """A PIL image or a path -> (1, 3, H, W) in [-1, 1], resized to cover (height, width) and center-cropped.
     Without a target size the image keeps its size, cropped down to a multiple of `multiple`."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read init image {image}: {e}") from None
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = ImageOps.exif_transpose(read_image(image, "init image")).convert("RGB")
     height = height or image.height // multiple * multiple
     width = width or image.width // multiple * multiple
     if height < multiple or width < multiple:
@@ -1307,11 +1566,12 @@ def run_sampler(pipe, velocity_fn, n, height, width, sigmas, solver, seed, noise
         sigmas = sigmas[int(steps - min(steps * strength, steps)) :]
         x0 = pipe.encode(init.to(device)).expand(n, -1, -1, -1)
         x = torch.lerp(x0.float(), x, sigmas[0])
-    with tqdm(total=len(sigmas) - 1, disable=not progress, desc=pipe.variant) as bar:
+    with tqdm(total=len(sigmas) - 1, disable=bar_disabled(progress), desc=pipe.variant, unit="step") as bar:
         x = solvers.SOLVERS[solver](velocity_fn, x, sigmas, callback=lambda *_: bar.update())
-    if output == "latent":
-        return x
-    pixels = pipe.decode(x)
+        if output == "latent":
+            return x
+        bar.set_postfix_str("decoding")  # the VAE decode is one more silent phase at large sizes
+        pixels = pipe.decode(x)
     return pixels if output == "pt" else to_pil(pixels)
 
 
@@ -1322,6 +1582,7 @@ class Flux1Pipeline:
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
         self.variant = variant
         self.defaults = VARIANTS[variant]
+        self.redux: Redux | None = None  # image prompts; loaded by load_redux, or by generate(images=...) on first use
 
     @property
     def vae(self) -> AutoEncoder:
@@ -1333,12 +1594,39 @@ class Flux1Pipeline:
         return getattr(self, "execution_device", None) or self.transformer.img_in.weight.device
 
     @torch.no_grad()
-    def encode_prompt(self, prompts) -> dict[str, Tensor]:
-        """T5-XXL states (B, 512, 4096) for the token stream and the CLIP-L pooled vector (B, 768) for modulation."""
+    def encode_prompt(self, prompts, images=None, image_scale: float = 1.0, text_scale: float = 1.0) -> dict:
+        """T5-XXL states (B, 512, 4096) for the token stream and the CLIP-L pooled vector (B, 768) for modulation.
+
+        images: FLUX.1 Redux image prompts (paths or PIL images, needs load_redux), their tokens appended after the
+        T5 tokens of every prompt; several images are concatenated (as chaining ComfyUI's style-model nodes does).
+        image_scale multiplies the image tokens (e.g. 0.2 weakens the image), text_scale the T5 states (> 1
+        strengthens the text), as the reference project's README suggests. The pooled vector stays the prompt's."""
         prompts = as_list(prompts)
         t5_ids = self.t5_tokenizer(prompts).to(next(self.t5.parameters()).device)
         clip_ids = self.clip_tokenizer(prompts).to(next(self.clip.parameters()).device)
-        return {"txt": self.t5(t5_ids), "vec": self.clip(clip_ids)}
+        cond = {"txt": self.t5(t5_ids), "vec": self.clip(clip_ids)}
+        return self.add_images(cond, images, image_scale, text_scale) if images or text_scale != 1 else cond
+
+    def add_images(self, cond: dict, images, image_scale: float = 1.0, text_scale: float = 1.0) -> dict:
+        """A prompt's condition with Redux image tokens appended and both scales applied (see encode_prompt)."""
+        txt = cond["txt"] * text_scale
+        if images:
+            if self.redux is None:
+                raise ValueError("image prompts need FLUX.1 Redux: call pipe.load_redux() first")
+            tokens = self.encode_images(images) * image_scale
+            txt = torch.cat([txt, tokens.to(txt).expand(txt.shape[0], -1, -1)], dim=1)
+        return {**cond, "txt": txt}
+
+    def load_redux(self, name_or_path=REDUX_REPO) -> "Redux":
+        """Load FLUX.1 Redux (a folder laid out like black-forest-labs/FLUX.1-Redux-dev, or that repo) next to T5."""
+        t5 = next(self.t5.parameters())
+        self.redux = load_redux(name_or_path, t5.device, t5.dtype)
+        return self.redux
+
+    @torch.no_grad()
+    def encode_images(self, images) -> Tensor:
+        """Redux tokens of all images, concatenated: (1, 729 * len(images), 4096)."""
+        return self.redux(images).flatten(0, 1)[None]
 
     def velocity(self, x: Tensor, sigma, cond: dict[str, Tensor], guidance: float | Tensor | None = None) -> Tensor:
         """x (B, 16, H/8, W/8) latents at noise level sigma (float or (B,)) -> velocity (noise - x0) in float32.
@@ -1357,13 +1645,33 @@ class Flux1Pipeline:
         out = self.transformer(patchify(x), image_ids(h // 2, w // 2, device), txt, txt_ids, sigma, vec, guidance)
         return unpatchify(out.float(), h, w)
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (kohya, diffusers/PEFT or ComfyUI keys) to the transformer at `scale`; returns the
-        layers it touched. Several files stack."""
-        params = self.transformer.params
-        names = [n for n, _ in self.transformer.named_modules()] + diffusers_names(params)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, lora_to_bfl(pairs, params), scale)
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """The schedule generate() samples on (for samplers outside it, e.g. edit.py)."""
+        return schedule(steps, height, width)
+
+    def sampling_kwargs(self, guidance: float | bool | None = None) -> dict:
+        """velocity() arguments for sampling: the distilled guidance, the variant's default unless given (False
+        bypasses the guidance embedder)."""
+        if guidance is None:
+            return {"guidance": self.defaults.guidance}
+        return {"guidance": None if guidance is False else float(guidance)}
+
+    def null_condition(self, n: int = 1) -> dict[str, Tensor]:
+        """RF-inversion's unconditional field (edit.py): zero T5 states and a zero pooled vector, as in the reference
+        implementation, rather than the empty prompt's embeddings (the paper's Alg. 1 writes the empty prompt, and
+        diffusers' community pipeline encodes it). The reference's reason: FLUX.1's text conditioning was most likely
+        dropped for classifier-free training by zeroing the embeddings, as SD3 (arXiv 2403.03206) does."""
+        t5 = next(self.t5.parameters())
+        txt = torch.zeros(n, self.t5_tokenizer.max_length, self.t5.config.d_model, device=t5.device, dtype=t5.dtype)
+        return {"txt": txt, "vec": torch.zeros(n, self.clip.config.hidden_size, device=t5.device, dtype=t5.dtype)}
+
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (kohya, diffusers/PEFT, ComfyUI, LyCORIS keys; see lora.py) to the transformer and text
+        encoders at `scale`; returns the layers it changed. Several files stack. What cannot be applied is named in a
+        warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5}
+        aliases = {"transformer": lora_aliases(self.transformer.params), "text_encoder": clip_lora_aliases(self.clip)}
+        return lora.load(path, components, scale, aliases, strict)
 
     def training_kwargs(self) -> dict:
         """Extra velocity() arguments while training: FLUX.1-dev trains at guidance 1.0, Flex.1-alpha with the
@@ -1394,6 +1702,10 @@ class Flux1Pipeline:
         init_image=None,
         strength: float = 0.6,
         sigmas: Tensor | None = None,
+        images=None,
+        image_scale: float = 1.0,
+        text_scale: float = 1.0,
+        redux=None,
         output: str = "pil",
         progress: bool = True,
     ):
@@ -1403,15 +1715,22 @@ class Flux1Pipeline:
         `negative_prompt` (two passes per step). seed: int (image i uses seed + i) or one per image; `noise` (B, 16,
         H/8, W/8) replaces the seeded noise. init_image + strength: image-to-image, skipping the first (1 - strength)
         of the schedule; the init latents are noised to exactly the first sigma the model sees.
+        images: FLUX.1 Redux image prompts for every prompt, with image_scale and text_scale (see encode_prompt); Redux
+        is loaded on first use from `redux` (a folder) or its Hugging Face repo.
         output: "pil" (list of PIL images), "pt" (pixels in [-1, 1]) or "latent"."""
         d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
-        guidance = d.guidance if guidance is None else (None if guidance is False else float(guidance))
+        guidance = self.sampling_kwargs(guidance)["guidance"]
         cfg = d.cfg if cfg is None else cfg
         init, height, width = canvas(init_image, noise, height, width, d.size)
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
+        images = image_list(images) if images is not None else None
+        if images and (self.redux is None or (redux is not None and str(redux) != self.redux.source)):
+            self.load_redux(REDUX_REPO if redux is None else redux)
         cond = self.encode_prompt(as_list(prompts, n))
+        if images or text_scale != 1:
+            cond = self.add_images(cond, images, image_scale, text_scale)
         uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg != 1 else None
 
         def velocity_fn(x, sigma):

@@ -5,30 +5,57 @@
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
     python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
     python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
+    python sample.py flux1 "a tiger" --invert cat.jpg --eta 0.9 --stop 7   # RF-inversion edit of a photo
+    python sample.py flux1 "a cosy room" --image ref.png --image-scale 0.2  # FLUX.1 Redux image prompt
+    python sample.py zimage "a red fox" --out fox.png               # one file; with several images fox-00000.png, ...
+    python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
 
 import argparse
 import importlib
+import inspect
 import json
+import math
+import os
 import random
 import sys
 import time
+import typing
 from pathlib import Path
 
-FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+# family name -> model file; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein"}
 
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
+    """Bad input from the user (or a failure the user can fix): printed as one line, no traceback."""
+
+    exit_code = 2
+
+
+def atomic_write(path: Path, write, intact: str = "nothing else was changed"):
+    """write(tmp) then rename over `path`: a crash or a full disk never leaves a half-written file under the final
+    name, and the temporary file is removed on failure. `intact` says what survives, for the one-line error."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"could not write {path}: {e.strerror or e}; {intact}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def catalogue() -> dict:
     """Every name sample.py accepts -> (model module, variant): a family name means its flagship variant."""
     names = {}
-    for family in FAMILIES:
-        module = importlib.import_module(family)
+    for family, file in FAMILIES.items():
+        module = importlib.import_module(file)
         names[family] = (module, module.DEFAULT_VARIANT)
         names.update({variant: (module, variant) for variant in module.VARIANTS})
     return names
@@ -58,27 +85,62 @@ def parse_guidance(text: str | None):
     if text.lower() in ("off", "none", "bypass"):
         return False
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise UsageError(f"--guidance {text!r}: expected a number or 'off'") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"--guidance {text!r}: expected a finite number or 'off'")
+    return value
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
-    path, _, scale = text.rpartition(":")
+    """FILE or FILE:SCALE -> (path, scale); a colon that is part of an existing file's name is kept."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or not path or Path(text).is_file():
+        path, scale = text, "1"
     try:
-        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+        value = float(scale)
     except ValueError:
-        return Path(text), 1.0  # a colon that is part of the path
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {text}: no such file") from None
+        raise UsageError(f"--lora {text}: the scale {scale!r} after the last ':' is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text}: the scale must be a finite number")
+    if not Path(path).is_file():
+        raise UsageError(f"--lora {path}: no such file")
+    return Path(path), value
 
 
-def check_image(path: str):
+def parse_number(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} {text!r}: expected a finite number")
+    return value
+
+
+def check_image(path: str, flag: str = "--init-image"):
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise UsageError(f"cannot read {flag} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {flag} {path}: {e}") from None
+
+
+def refuse_options(pipeline_class, flags: dict[str, str], model: str):
+    """One line for an option (generate() argument -> its flag) that this family's generate() does not take."""
+    accepted = inspect.signature(pipeline_class.generate).parameters
+    for key, flag in flags.items():
+        if key not in accepted:
+            raise UsageError(f"{model} does not take {flag}")
 
 
 def pick_device(name: str | None) -> str:
@@ -89,6 +151,8 @@ def pick_device(name: str | None) -> str:
             device = torch.device(name)
         except RuntimeError:
             raise UsageError(f"--device {name!r}: not a device name (cuda, cuda:1, cpu, mps, ...)") from None
+        if device.type == "meta":
+            raise UsageError("--device meta holds no data and cannot run a model; use cuda, cpu, mps, ...")
         available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
         if device.type in available and not available[device.type]():
             raise UsageError(f"--device {name}: no {device.type} device here; try --device cpu")
@@ -105,6 +169,27 @@ def next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+OUTPUT_SUFFIXES = {".png"}  # --out ending in one of these names a file; anything else is a folder
+
+
+def output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """Where the images go. A folder (created if missing): NNNNN-<seed>.png after the highest number already there.
+    A file name: that file for one image; for several, numbered beside it (fox.png -> fox-00000.png, ...)."""
+    out = Path(out)
+    if out.suffix.lower() in OUTPUT_SUFFIXES:
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a folder; give a new file name or the folder without the suffix")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if len(seeds) == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i:05d}{out.suffix}") for i in range(len(seeds))]
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder or a file name ending in .png")
+    out.mkdir(parents=True, exist_ok=True)
+    first = next_index(out)
+    return [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
 def save_png(image, path: Path, settings: dict):
     from PIL.PngImagePlugin import PngInfo
 
@@ -112,9 +197,7 @@ def save_png(image, path: Path, settings: dict):
     for key, value in settings.items():
         info.add_text(key, "" if value is None else str(value))
     info.add_text("parameters", json.dumps(settings))
-    tmp = path.with_suffix(".png.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)  # a crash never leaves a half-written PNG under the final name
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "the images before it are saved")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default="outputs", help="folder for the PNG files (created if missing)")
+    p.add_argument(
+        "--out",
+        default="outputs",
+        help="a folder (created if missing; files NNNNN-<seed>.png) or a file name ending in .png (several images are "
+        "numbered beside it: NAME-00000.png, NAME-00001.png, ...)",
+    )
     p.add_argument("--device", help="cuda, cpu, mps, ... (default: the best available)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on an accelerator, fp32 on cpu")
     p.add_argument("--init-image", help="image-to-image: start from this picture")
@@ -149,8 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
+        help="apply a LoRA (kohya, diffusers/PEFT, ComfyUI or LyCORIS keys) at SCALE (default 1); repeatable",
     )
+    p.add_argument("--lora-strict", action="store_true", help="refuse a LoRA file with tensors that cannot be applied")
+    p.add_argument("--invert", metavar="IMAGE", help="edit this photo by RF-inversion towards the prompt (edit.py)")
+    p.add_argument("--gamma", help="RF-inversion: pull of the inversion towards fresh noise, 0..1 (default 0.5)")
+    p.add_argument("--eta", help="RF-inversion: pull of the edit back towards the photo, 0..1 (default 0.9)")
+    p.add_argument("--start", help="RF-inversion: first step of the pull, in steps of 28 (default 0)")
+    p.add_argument("--stop", help="RF-inversion: step where the pull ends, in steps of 28 (default 7)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="reference image for the model (FLUX.2-klein: an image to edit, up to 4; FLUX.1: a Redux image prompt); "
+        "repeatable",
+    )
+    p.add_argument("--image-scale", help="FLUX.1 Redux: multiply the image tokens (e.g. 0.2 weakens the image)")
+    p.add_argument("--text-scale", help="FLUX.1 Redux: multiply the T5 tokens (> 1 strengthens the text)")
+    p.add_argument("--redux", metavar="DIR", help="FLUX.1 Redux weights folder (default: download the Redux repo)")
     p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
     p.add_argument(
         "--offload",
@@ -163,13 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(command, args) -> int:
-    """Run a CLI command; bad input (ours, or a clear ValueError/FileNotFoundError from a model file) becomes one
-    line on stderr and exit code 2, never a traceback."""
+    """Run a CLI command. What the user can cause or fix (bad input: ours, or a clear ValueError/FileNotFoundError
+    from a model file; a full disk or a permission, OSError; Ctrl-C) ends in one line on stderr and a non-zero exit
+    code, never a traceback. Any other exception is a bug and keeps its traceback."""
     try:
         return command(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except OSError as e:
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv=None) -> int:
@@ -184,33 +295,80 @@ def run(args) -> int:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
     height, width = parse_size(args.size, module.PIXELS_PER_TOKEN) if args.size else (None, None)
     guidance = parse_guidance(args.guidance)
-    if args.init_image:
-        check_image(args.init_image)
+    for name in ("cfg", "cfg_truncation", "cfg_normalization", "strength"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+    pictures = [(args.init_image, "--init-image"), (args.invert, "--invert"), *((i, "--image") for i in args.image)]
+    for path, flag in pictures:
+        if path:
+            check_image(path, flag)
+    edit_args = {k: parse_number(getattr(args, k), f"--{k}") for k in ("gamma", "eta", "start", "stop")}
+    if not args.invert and any(v is not None for v in edit_args.values()):
+        raise UsageError("--gamma, --eta, --start and --stop set up --invert")
+    if args.invert:
+        import edit
+
+        edit_args = {k: getattr(edit, k.upper()) if v is None else v for k, v in edit_args.items()}  # the defaults
+        edit.check_settings(**edit_args)
+    if args.invert and args.solver not in (None, "euler"):
+        raise UsageError("--invert integrates RF-inversion's controlled ODEs with Euler steps; drop --solver")
+    if args.invert and (args.init_image or args.cfg is not None or args.negative):
+        raise UsageError("--invert edits its own photo without true CFG: drop --init-image, --cfg and --negative")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--num and --steps must be at least 1")
+    count = len(args.prompt) * args.num
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - count:
+        raise UsageError(f"--seed {args.seed}: must be between 0 and 2**63 - {count} (one seed per image)")
     if args.weights and not Path(args.weights).is_dir():
         raise UsageError(f"--weights {args.weights}: no such folder")
     loras = [parse_lora(text) for text in args.lora]
-    for path, _ in loras:
-        if not path.is_file():
-            raise UsageError(f"--lora {path}: no such file")
+
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
+    paths = output_paths(args.out, [image_seed for _, image_seed in jobs])  # a bad --out is refused before loading
+
+    # Options only some families have (Z-Image's official CFG truncation/normalisation, reference images) are passed
+    # only when given, and only to a generate() that takes them.
+    options = {
+        "cfg_truncation": ("--cfg-truncation", args.cfg_truncation),
+        "cfg_normalization": ("--cfg-normalization", args.cfg_normalization),
+        "images": ("--image", args.image or None),
+        "image_scale": ("--image-scale", parse_number(args.image_scale, "--image-scale")),
+        "text_scale": ("--text-scale", parse_number(args.text_scale, "--text-scale")),
+        "redux": ("--redux", args.redux),
+    }
+    extra = {k: v for k, (_, v) in options.items() if v is not None}
+    flags = {k: options[k][0] for k in extra}
+    if args.invert and extra:
+        raise UsageError(f"--invert does not take {', '.join(flags.values())}")
 
     import torch
 
     device = pick_device(args.device)
+    # The pipeline class from load()'s annotation, so that an option it does not take is refused before loading.
+    pipeline_class = typing.get_type_hints(module.load).get("return")
+    if pipeline_class is not None:
+        refuse_options(pipeline_class, flags, args.model)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
     # With offloading everything loads to host memory first; offload.py moves it to the device piece by piece.
-    pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
+    pipe = module.load(
+        args.weights or variant,
+        variant=variant,
+        device="cpu" if args.offload else device,
+        dtype=dtype,
+        progress=not args.quiet,
+    )
     if args.int8:
         import int8
 
         int8.quantize(pipe.transformer)
     for path, scale in loras:  # after quantising: a LoRA stays float on top of the INT8 base
-        pipe.load_lora(path, scale)
+        pipe.load_lora(path, scale, strict=args.lora_strict)
     if args.offload:
         import offload
 
@@ -218,21 +376,12 @@ def run(args) -> int:
             offload.enable_block_streaming(pipe.transformer, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
+    if pipeline_class is None:
+        refuse_options(type(pipe), flags, args.model)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
     d = pipe.defaults
     written = []
-    index = next_index(out)
-    # Options only some families have (Z-Image's official CFG truncation/normalisation) are passed only when given.
-    extra = {
-        k: v
-        for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
-        if v is not None
-    }
-    jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
-    for prompt, image_seed in jobs:
+    for (prompt, image_seed), path in zip(jobs, paths):
         settings = {
             "model": args.model,
             "variant": variant,
@@ -253,31 +402,54 @@ def run(args) -> int:
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
-        settings.update(extra)
-        (image,) = pipe.generate(
-            prompt,
-            height=height,
-            width=width,
-            steps=args.steps,
-            solver=args.solver,
-            guidance=guidance,
-            cfg=args.cfg,
-            negative_prompt=args.negative,
-            seed=image_seed,
-            init_image=args.init_image,
-            strength=args.strength,
-            progress=not args.quiet,
-            **extra,
-        )
+        settings.update({k: ", ".join(v) if k == "images" else v for k, v in extra.items()})
+        if args.invert:
+            settings.update(invert=args.invert, steps=args.steps or edit.STEPS, solver="euler", cfg=None, **edit_args)
+            (image,) = edit.edit(
+                pipe,
+                args.invert,
+                prompt,
+                steps=settings["steps"],
+                **edit_args,
+                guidance=guidance,
+                seed=image_seed,
+                height=height,
+                width=width,
+                progress=not args.quiet,
+            )
+        else:
+            (image,) = pipe.generate(
+                prompt,
+                height=height,
+                width=width,
+                steps=args.steps,
+                solver=args.solver,
+                guidance=guidance,
+                cfg=args.cfg,
+                negative_prompt=args.negative,
+                seed=image_seed,
+                init_image=args.init_image,
+                strength=args.strength,
+                progress=not args.quiet,
+                **extra,
+            )
         settings["size"] = f"{image.width}x{image.height}"
-        path = out / f"{index:05d}-{image_seed}.png"
         save_png(image, path, settings)
         written.append(str(path))
-        index += 1
     total = time.time() - t0
     print(f"wrote {len(written)} image(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
     return 0
 
 
+def entry(main):
+    """`python sample.py ...` / `python train.py ...`: exit with main()'s code; Ctrl-C, even while the modules are
+    still being imported, ends in the same one line as anywhere else."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

@@ -9,25 +9,47 @@ file names and captions. Images are bucketed by aspect ratio (and by resolution 
 upscaled; latents and prompt embeddings are computed once and cached on disk, then the text encoders and the VAE
 encoder are freed. The loss is the rectified-flow velocity MSE, |v(x_sigma, sigma) - (noise - x0)|^2, with sigma drawn
 logit-normal (SD3, arXiv 2403.03206 §3.1) by default. Checkpoints are written atomically and --resume continues
-bit-for-bit (optimizer, step, RNG and data order included). The final LoRA is written in the format other tools load
-(FLUX.1: kohya; Z-Image: ComfyUI/diffusion_model).
+bit-for-bit (optimizer, step, RNG and data order included); Ctrl-C writes one at the current step. The final LoRA is
+written in the format other tools load (FLUX.1: kohya; Z-Image, FLUX.2-klein: ComfyUI/diffusion_model).
+
+Edit pairs, for models that take reference images (FLUX.2-klein): the references of x.png are x_ref0.png, x_ref1.png,
+... beside it (any image extension); they are cropped to x's bucket and cached like it.
+
+The phases, in the order train() runs them: check the arguments (and a checkpoint to resume) before anything
+expensive; data (scan, bucket); model (load, LoRA, INT8, offload); cache (latents, prompt embeddings); the steps;
+checkpoints and the exported LoRA.
 """
 
 import argparse
 import csv
+import glob
 import hashlib
 import json
 import math
-import os
 import random
+import re
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sample import UsageError, run_cli  # bad input: one line, no traceback
+from sample import UsageError, atomic_write, run_cli  # bad input: one line, no traceback
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class Diverged(UsageError):
+    """The loss or the gradients stopped being finite: nothing more is written (exit code 1)."""
+
+    exit_code = 1
+
+
+class Interrupted(UsageError):
+    """Ctrl-C: a checkpoint of the current step was written (exit code 130, as for any interrupted command)."""
+
+    exit_code = 130
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -36,14 +58,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
     """(image, caption) pairs from metadata.jsonl / metadata.csv, else from same-name .txt files; what is skipped
-    (missing captions, missing files) is counted, not fatal."""
+    (missing or empty captions, missing files) is counted, not fatal."""
     skipped = Counter()
     if (folder / "metadata.jsonl").is_file() or (folder / "metadata.csv").is_file():
         rows = []
         if (folder / "metadata.jsonl").is_file():
-            for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+            for n, line in enumerate((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
-                    rows.append(json.loads(line))
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UsageError(f"{folder / 'metadata.jsonl'} line {n} is not JSON: {e}") from None
         else:
             with open(folder / "metadata.csv", newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
@@ -53,20 +78,24 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
             caption = row.get("text") or row.get("caption") or row.get("prompt")
             if not name or not (folder / name).is_file():
                 skipped["missing image file"] += 1
-            elif caption is None or not str(caption).strip():
+            elif caption is None:
                 skipped["missing caption"] += 1
+            elif not str(caption).strip():
+                skipped["empty caption"] += 1
             else:
                 items.append((folder / name, str(caption).strip()))
         return items, skipped
     items = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or REFERENCE_NAME.match(path.stem):
             continue
         caption = path.with_suffix(".txt")
-        if not caption.is_file() or not caption.read_text(encoding="utf-8").strip():
+        if not caption.is_file():
             skipped["missing caption"] += 1
-            continue
-        items.append((path, caption.read_text(encoding="utf-8").strip()))
+        elif not (text := caption.read_text(encoding="utf-8").strip()):
+            skipped["empty caption"] += 1
+        else:
+            items.append((path, text))
     return items, skipped
 
 
@@ -77,6 +106,18 @@ def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[in
     scale = min(1.0, resolution / math.sqrt(width * height))
     h, w = int(height * scale) // step * step, int(width * scale) // step * step
     return (h, w) if h >= step and w >= step else None
+
+
+EXIF_ORIENTATION = 0x0112  # values 5-8 rotate by 90 degrees (width and height swap when displayed)
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is shown, after its EXIF orientation (read from the header only)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def open_image(path: Path):
@@ -96,6 +137,55 @@ def crop_to_bucket(image, height: int, width: int):
     image = image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+def plan_samples(items, resolutions: list[int], step: int, skipped: Counter) -> list[dict]:
+    """One training sample per image and distinct bucket: an image that lands in the same bucket at two resolutions
+    (a small one, say) is trained once, not twice."""
+    samples = []
+    for path, caption in items:
+        try:
+            size = displayed_size(path)
+        except (OSError, ValueError):
+            skipped["unreadable image"] += 1
+            continue
+        buckets = [bucket_size(*size, resolution, step) for resolution in resolutions]
+        if None in buckets:
+            skipped["image smaller than one bucket step"] += 1
+            continue
+        for bucket in dict.fromkeys(buckets):
+            samples.append({"path": path, "caption": caption, "bucket": bucket})
+    return samples
+
+
+REFERENCE_NAME = re.compile(r".+_ref\d+$")  # x_ref0.png: a reference image of x.png, not a target
+
+
+def find_references(path: Path) -> list[Path]:
+    """Edit pairs: the reference images of target x.png are x_ref0.*, x_ref1.*, ... beside it, in that order (the
+    numbering stops at the first gap)."""
+    refs = []
+    while True:
+        found = path.parent.glob(f"{glob.escape(path.stem)}_ref{len(refs)}.*")
+        found = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if not found:
+            return refs
+        refs.append(sorted(found)[0])
+
+
+def attach_references(samples: list[dict], module, skipped: Counter) -> list[dict]:
+    """Give each sample its reference images (edit pairs). A model that takes none refuses them (module.MAX_REFERENCES
+    says how many it takes); samples with more than that are skipped."""
+    limit, kept = getattr(module, "MAX_REFERENCES", 0), []
+    for s in samples:
+        s["refs"] = find_references(s["path"])
+        if s["refs"] and not limit:
+            raise UsageError(f"{s['refs'][0]}: {module.__name__} takes no reference images (edit pairs)")
+        if len(s["refs"]) > limit:
+            skipped[f"more than {limit} reference images"] += 1
+        else:
+            kept.append(s)
+    return kept
 
 
 def epoch_batches(buckets: dict, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -126,9 +216,7 @@ def digest(*parts) -> str:
 def save_tensors(path: Path, tensors: dict):
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp))
 
 
 def load_tensors(path: Path) -> dict:
@@ -165,8 +253,63 @@ def collate(conds: list[dict]) -> dict:
     return batch
 
 
+def cache_latent(pipe, path: Path, bucket, cache: Path, model_id: str) -> tuple[Path, bool]:
+    """The latent of an image cropped to a bucket, encoded unless cached (a file per content, bucket and model):
+    (its file, whether it was new). OSError / ValueError for an unreadable image."""
+    import numpy as np
+    import torch
+
+    file = cache / f"latent-{digest(model_id, 'latent', path.read_bytes(), bucket)}.safetensors"
+    if file.is_file():
+        return file, False
+    image = crop_to_bucket(open_image(path), *bucket)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
+    save_tensors(file, {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
+    return file, True
+
+
+def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress: bool) -> int:
+    """Encode every sample's cropped image, and its reference images cropped to the same bucket, once; returns how many
+    were new. Samples with an image that turns out unreadable here are dropped from `samples` and counted."""
+    from tqdm.auto import tqdm
+
+    from flux1 import bar_disabled
+
+    encoded, kept = 0, []
+    for s in tqdm(samples, desc="caching latents", disable=bar_disabled(progress)):
+        try:
+            s["latent_file"], new = cache_latent(pipe, s["path"], s["bucket"], cache, model_id)
+            encoded += new
+            s["ref_files"] = []
+            for ref in s["refs"]:
+                file, new = cache_latent(pipe, ref, s["bucket"], cache, model_id)
+                s["ref_files"].append(file)
+                encoded += new
+        except (OSError, ValueError):
+            skipped["unreadable image"] += 1
+            continue
+        kept.append(s)
+    samples[:] = kept
+    return encoded
+
+
+def cache_prompts(pipe, prompts: list[str], cache: Path, model_id: str, progress: bool) -> tuple[dict, int]:
+    """{prompt: cache file}, encoding each prompt not cached yet; returns the map and how many were new."""
+    from tqdm.auto import tqdm
+
+    from flux1 import bar_disabled
+
+    files, encoded = {}, 0
+    for prompt in tqdm(dict.fromkeys(prompts), desc="caching prompts", disable=bar_disabled(progress)):
+        files[prompt] = cache / f"cond-{digest(model_id, 'prompt', prompt)}.safetensors"
+        if not files[prompt].is_file():
+            save_tensors(files[prompt], flatten_cond(pipe.encode_prompt([prompt])))
+            encoded += 1
+    return files, encoded
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Model
 
 
 def resolve_model(name: str):
@@ -195,140 +338,28 @@ def enable_gradient_checkpointing(model):
                 block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def atomic_torch_save(obj, path: Path):
+def setup_model(args, module, variant: str, device: str, dtype):
+    """Load the frozen base, put the (fp32) LoRA on it, then INT8 / offload / checkpointing as asked. Returns the
+    pipeline, the LoRA layer names and the trainable parameters. With --offload the transformer is packed once, for
+    block streaming, before the caching pass; model offload then moves only the encoders and the VAE."""
     import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves the previous checkpoint intact, never a half-written one
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model family or variant (flux1, flex1-alpha, zimage, zimage-base, ...)")
-    p.add_argument("--data", required=True, help="folder of images + .txt captions, or with metadata.jsonl/.csv")
-    p.add_argument("--weights", help="local folder laid out like the model's Hugging Face repo (default: download)")
-    p.add_argument("--output", default="output", help="folder for the LoRA, checkpoints, cache and log")
-    p.add_argument("--name", help="file name of the final LoRA (default: lora-<model>)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", nargs="+", help="fnmatch patterns of layers to train (default: the model's)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--resolution", type=int, nargs="+", default=[512], help="one or several target resolutions")
-    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
-    p.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal")
-    p.add_argument("--logit-mean", type=float, default=0.0)
-    p.add_argument("--logit-std", type=float, default=1.0)
-    p.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", nargs="?", const="auto", help="continue from OUTPUT/checkpoint.pt (or a given file)")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--preview-every", type=int, default=0, help="render the preview prompts every N steps (0 = off)")
-    p.add_argument("--preview", action="append", default=[], help="a preview prompt (repeatable)")
-    p.add_argument("--preview-prompts", help="file with one preview prompt per line")
-    p.add_argument("--preview-steps", type=int, help="solver steps for previews (default: the model's)")
-    p.add_argument("--preview-size", help="WIDTHxHEIGHT of previews (default: the first resolution, square)")
-    p.add_argument("--allow-distilled", action="store_true", help="train on a step-distilled variant (Z-Image-Turbo)")
-    p.add_argument("--cache-dir", help="latent/embedding cache (default: OUTPUT/cache)")
-    p.add_argument("--device", help="cuda, cpu, mps, ... (default: the best available)")
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], help="base model dtype (default: bf16 on an accelerator)"
-    )
-    p.add_argument("--int8", action="store_true", help="INT8 base (torch._int_mm): less memory, LoRA stays fp32")
-    p.add_argument(
-        "--offload",
-        action="store_true",
-        help="for GPUs smaller than the model: stream the frozen transformer blocks from host memory (forward and "
-        "backward); text encoders and VAE visit the device only while they run",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv=None) -> int:
-    return run_cli(train, build_parser().parse_args(argv))
-
-
-def train(args) -> int:
-    module, variant = resolve_model(args.model)
-    data = Path(args.data)
-    if not data.is_dir():
-        raise UsageError(f"--data {data}: no such folder")
-    if args.weights and not Path(args.weights).is_dir():
-        raise UsageError(f"--weights {args.weights}: no such folder")
-    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.rank < 1:
-        raise UsageError("--steps, --batch-size, --grad-accum and --rank must be at least 1")
-    granularity = module.PIXELS_PER_TOKEN
-    if args.bucket_step % granularity:
-        raise UsageError(f"--bucket-step must be a multiple of {granularity} for {args.model}")
-    variant_info = module.VARIANTS[variant]
-    if getattr(variant_info, "distilled", False):
-        if not args.allow_distilled:
-            raise UsageError(
-                f"{variant} is step-distilled: a LoRA trained on it loses the few-step distillation. "
-                f"Train on {module.TRAIN_VARIANT} (the default) or pass --allow-distilled"
-            )
-        print(f"warning: training on {variant} (distilled): expect it to need more steps afterwards", file=sys.stderr)
-
-    import numpy as np
-    import torch
-    from PIL import Image
 
     import lora
-    import sample
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out / "checkpoint.pt"
-    resume = None
-    if args.resume:
-        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if not resume_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {resume_path}")
-        try:
-            resume = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or not a checkpoint: say so in one line
-            raise UsageError(f"--resume: cannot read {resume_path} ({type(e).__name__}: {e})") from None
-
-    # ---- data: scan, bucket
-    items, skipped = scan(data)
-    samples, sizes = [], {}
-    for path, caption in items:
-        try:
-            with Image.open(path) as im:
-                sizes[path] = im.size
-        except (OSError, ValueError):
-            skipped["unreadable image"] += 1
-            continue
-        for resolution in args.resolution:
-            bucket = bucket_size(*sizes[path], resolution, args.bucket_step)
-            if bucket is None:
-                skipped["image smaller than one bucket step"] += 1
-                break
-            samples.append({"path": path, "caption": caption, "bucket": bucket})
-    device = sample.pick_device(args.device)
-    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    pipe = module.load(args.weights or variant, variant=variant, device="cpu" if args.offload else device, dtype=dtype)
-    # ---- model: LoRA (fp32) on the frozen base. Set up before the caching pass, so that with --offload the
-    # transformer is packed once, for block streaming, and model offload moves only the encoders and the VAE.
+    pipe = module.load(
+        args.weights or variant,
+        variant=variant,
+        device="cpu" if args.offload else device,
+        dtype=dtype,
+        progress=not args.quiet,
+    )
     transformer = pipe.transformer
-    targets = args.lora_targets or module.LORA_TARGETS
     if args.int8:
         import int8
 
         int8.quantize(transformer)  # LoRA layers then wrap the INT8 linears; gradients flow through them
     torch.manual_seed(args.seed)  # the LoRA's initial A, then its dropout masks: the same seed, the same run
+    targets = args.lora_targets or module.LORA_TARGETS
     names = lora.add_lora(transformer, targets, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
     params = lora.lora_parameters(transformer)
     for p in params:
@@ -340,202 +371,526 @@ def train(args) -> int:
         offload.enable_model_offload(pipe, device)  # text encoders and VAE: one on the device at a time
     elif args.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
-    model_id = (
-        f"{args.model}:{variant}:{Path(args.weights).resolve() if args.weights else variant_info.repo}:{dtype_name}"
-    )
+    return pipe, names, params
 
-    # ---- cache latents and prompt embeddings (each computed once, reused by later runs)
-    encoded = Counter()
-    kept = []
-    for s in samples:
-        key = digest(model_id, "latent", s["path"].read_bytes(), s["bucket"])
-        s["latent_file"] = cache / f"latent-{key}.safetensors"
-        s["cond_file"] = cache / f"cond-{digest(model_id, 'prompt', s['caption'])}.safetensors"
-        if not s["latent_file"].is_file():
-            try:
-                image = crop_to_bucket(open_image(s["path"]), *s["bucket"])
-            except (OSError, ValueError):
-                skipped["unreadable image"] += 1
-                continue
-            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
-            save_tensors(s["latent_file"], {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
-            encoded["latents"] += 1
-        kept.append(s)
-    samples = kept
-    if not samples:
-        raise UsageError(f"no usable images in {data} (skipped: {dict(skipped) or 'none found'})")
-    prompts = {s["caption"]: s["cond_file"] for s in samples}
-    prompts[""] = cache / f"cond-{digest(model_id, 'prompt', '')}.safetensors"  # caption dropout and CFG previews
-    preview_prompts = list(args.preview)
-    if args.preview_prompts:
-        preview_prompts += [p.strip() for p in Path(args.preview_prompts).read_text().splitlines() if p.strip()]
-    for p in preview_prompts:
-        prompts.setdefault(p, cache / f"cond-{digest(model_id, 'prompt', p)}.safetensors")
-    for caption, file in prompts.items():
-        if not file.is_file():
-            save_tensors(file, flatten_cond(pipe.encode_prompt([caption])))
-            encoded["prompts"] += 1
-    print(
-        f"data: {len(items)} captioned images, {len(samples)} training samples in "
-        f"{len({s['bucket'] for s in samples})} buckets; skipped {dict(skipped) or 'none'}; "
-        f"encoded {encoded['latents']} latents and {encoded['prompts']} prompts (the rest from {cache})"
-    )
 
-    # The text encoders and the VAE encoder are no longer needed: free them (the decoder stays for previews).
-    if args.offload:
+def free_encoders(pipe, conds: dict, offloaded: bool, device: str):
+    """After caching: drop the text encoders and the VAE encoder (the decoder stays for previews); prompts are then
+    read from the cache, previews included."""
+    import torch
+
+    if offloaded:
+        import offload
+
         offload.disable_model_offload(pipe)  # it holds the encoders' host buffers
     for name, value in list(vars(pipe).items()):
         if isinstance(value, torch.nn.Module) and value is not pipe.transformer and value is not pipe.ae:
             setattr(pipe, name, None)
     pipe.ae.encoder = None
-    conds = {caption: load_tensors(file) for caption, file in prompts.items()}
-    pipe.encode_prompt = lambda batch: collate([conds[p] for p in batch])  # previews read the cache too
-    if args.offload:
+    pipe.encode_prompt = lambda batch: collate([conds[p] for p in batch])
+    if offloaded:
         offload.enable_model_offload(pipe, device)  # now only the VAE decoder, for previews
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def draw_sigmas(args, n: int, gen):
+    import torch
+
+    if args.timesteps == "logit_normal":
+        return torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=gen))
+    return torch.rand(n, generator=gen)
+
+
+def batch_references(batch: list[dict], device) -> dict:
+    """velocity() keyword for a batch of edit pairs: reference j of every sample, stacked ({} without references)."""
+    import torch
+
+    if not batch[0]["refs"]:
+        return {}
+    n = len(batch[0]["refs"])
+    stacked = [torch.cat([load_tensors(s["ref_files"][j])["latent"] for s in batch]).to(device) for j in range(n)]
+    return {"references": stacked}
+
+
+def micro_step(pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict) -> float:
+    """Forward and backward of one micro-batch; returns its loss (the mean over its elements). Sigma, noise and caption
+    dropout come from `gen` in a fixed order, so a resumed run draws the same ones. Gradients are scaled by
+    1 / grad_accum, so the accumulated gradient is the mean over every micro-batch, as one big batch would give."""
+    import torch
+
+    x0 = torch.cat([load_tensors(s["latent_file"])["latent"] for s in batch]).to(device)
+    captions = ["" if torch.rand((), generator=gen) < args.caption_dropout else s["caption"] for s in batch]
+    cond = collate([conds[c] for c in captions])
+    sigma = draw_sigmas(args, x0.shape[0], gen)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    s = sigma.to(device).view(-1, *[1] * (x0.ndim - 1))  # images (B, C, H, W) and videos (B, C, F, H, W) alike
+    x_sigma = (1 - s) * x0 + s * noise
+    v = pipe.velocity(x_sigma, sigma.to(device), cond, **velocity_kwargs, **batch_references(batch, device))
+    loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+    (loss / args.grad_accum).backward()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and the exported LoRA
+
+# Settings a checkpoint must be resumed with as they were: they shape the LoRA or the data order and RNG stream.
+RESUME_FIXED = [
+    "rank",
+    "alpha",
+    "lora_targets",
+    "lora_dropout",
+    "batch_size",
+    "grad_accum",
+    "resolution",
+    "bucket_step",
+    "timesteps",
+    "logit_mean",
+    "logit_std",
+    "caption_dropout",
+    "seed",
+]
+# Optimizer and schedule settings a resumed run may change: the new value applies from the resumed step on.
+RESUME_ADJUSTABLE = ["lr", "weight_decay", "warmup", "max_grad_norm"]
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, the data order (epoch, batch index) and time spent so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    seconds: float = 0.0
+    history: list = field(default_factory=list)  # [step, {setting: value}] each time a resume changed settings
+
+
+def read_checkpoint(args, checkpoint_path: Path) -> dict | None:
+    """The checkpoint to resume, checked against the arguments before anything is loaded or cached."""
+    if not args.resume:
+        return None
+    import torch
+
+    path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["args"]
+    except Exception as e:  # truncated or not a checkpoint: say so in one line
+        raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+    if saved.get("variant", resolve_model(saved.get("model", "?"))[1]) != args.variant:
+        raise UsageError(
+            f"--resume: {path} was trained on {saved.get('variant', saved.get('model'))}, not {args.variant}; "
+            "resume with the same model or start a new --output"
+        )
+    if "position" not in state:
+        raise UsageError(f"--resume: {path} was written by an older version of train.py; start a new --output")
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in changed)
+        raise UsageError(f"--resume: {path} was made with {was}; these must stay the same to resume")
+    state["adjusted"] = {k: getattr(args, k) for k in RESUME_ADJUSTABLE if k in saved and saved[k] != getattr(args, k)}
+    return state
+
+
+def save_checkpoint(path: Path, transformer, optimizer, scheduler, position: Position, gen, args):
+    import torch
+
+    import lora
+
+    state = {
+        f"{n}.lora_{k}": getattr(m, f"lora_{k}").detach().cpu()
+        for n, m in lora.lora_layers(transformer).items()
+        for k in "AB"
+    }
+    checkpoint = {
+        "lora": state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "position": vars(position),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "args": vars(args),
+    }
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), "the previous checkpoint is intact")
+
+
+def restore_checkpoint(state: dict, transformer, optimizer, scheduler, gen, args) -> Position:
+    import torch
+
+    import lora
+
+    saved, layers = state["lora"], lora.lora_layers(transformer)
+    if set(saved) != {f"{n}.lora_{k}" for n, m in layers.items() for k in "AB"} or any(
+        saved[f"{n}.lora_A"].shape != m.lora_A.shape for n, m in layers.items()
+    ):
+        raise UsageError("--resume: the checkpoint's LoRA layers differ from this model's (other --lora-targets?)")
+    for name, layer in layers.items():
+        layer.lora_A.data.copy_(saved[f"{name}.lora_A"]), layer.lora_B.data.copy_(saved[f"{name}.lora_B"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    position = Position(**state["position"])
+    if state["adjusted"]:  # the new optimizer settings take over from the resumed step (the state dicts hold the old)
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = args.lr, args.lr * factor(scheduler.last_epoch)
+            group["weight_decay"] = args.weight_decay
+        position.history.append([position.step, state["adjusted"]])
+    return position
+
+
+class LogFile:
+    """OUTPUT/log.csv, one row per optimizer step; on resume the rows after the checkpoint's step (written before an
+    interruption) are dropped, so no step appears twice."""
+
+    header = ["step", "loss", "lr", "grad_norm", "images_per_s", "seconds"]
+
+    def __init__(self, path: Path, resume_step: int | None):
+        rows = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= resume_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerows([self.header, *rows])
+        self.file.flush()
+
+    def write(self, *values):
+        self.writer.writerow(values)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class StopOnInterrupt:
+    """First Ctrl-C: finish the current step, write a checkpoint, stop. A second Ctrl-C aborts at once (the last
+    checkpoint written stays intact)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to write a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def public_settings(args) -> dict:
+    """The training settings worth keeping in the LoRA file: no local paths (folder names only)."""
+    paths = {"data", "output", "weights", "cache_dir", "resume", "preview_prompts"}
+    out = {}
+    for key, value in vars(args).items():
+        if key in paths:
+            value = Path(value).name if value not in (None, "auto") else value
+        if isinstance(value, int | float | str | list | type(None)):
+            out[key] = value
+    return out
+
+
+def export_lora(path: Path, transformer, module, variant: str, names: list[str], targets, args, position: Position):
+    import lora
+
+    metadata = {
+        **getattr(module, "LORA_METADATA", {}),  # what kohya's trainers write, read by other tools
+        "modelspec.title": path.stem,
+        "modelspec.resolution": f"{args.resolution[0]}x{args.resolution[0]}",
+        "base_model": variant,
+        "base_repo": module.VARIANTS[variant].repo,
+        "rank": args.rank,
+        "alpha": args.alpha or args.rank,
+        "targets": json.dumps(targets),
+        "layers": len(names),
+        "format": module.LORA_FORMAT,
+        "steps": position.step,
+        "training": json.dumps(public_settings(args)),
+        "resumed_with_changes": json.dumps(position.history),
+    }
+    try:
+        lora.save(transformer, path, module.LORA_FORMAT, metadata, dtype=lora.SAVE_DTYPES[args.save_dtype])
+    except OSError as e:
+        raise UsageError(
+            f"could not write {path}: {e.strerror or e}; the checkpoint holds the trained LoRA, so free space and "
+            "rerun with --resume to export it"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("model", help="model family or variant (flux1, flex1-alpha, zimage, zimage-base, ...)")
+    p.add_argument("--data", required=True, help="folder of images + .txt captions, or with metadata.jsonl/.csv")
+    p.add_argument("--weights", help="local folder laid out like the model's Hugging Face repo (default: download)")
+    p.add_argument("--output", default="output", help="folder for the LoRA, checkpoints, cache and log")
+    p.add_argument("--name", help="file name of the final LoRA (default: lora-<model>)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", nargs="+", help="fnmatch patterns of layers to train (default: the model's)")
+    p.add_argument(
+        "--save-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the exported LoRA file"
+    )
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--resolution", type=int, nargs="+", default=[512], help="one or several target resolutions")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this")
+    p.add_argument("--timesteps", choices=["logit_normal", "uniform"], default="logit_normal", help="sigma sampling")
+    p.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal mean")
+    p.add_argument("--logit-std", type=float, default=1.0, help="logit-normal standard deviation")
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order, sigmas and noise")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="continue from OUTPUT/checkpoint.pt (or the given checkpoint file)"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=250, help="write OUTPUT/checkpoint.pt every N steps")
+    p.add_argument("--preview-every", type=int, default=0, help="render the preview prompts every N steps (0 = off)")
+    p.add_argument("--preview", action="append", default=[], help="a preview prompt (repeatable)")
+    p.add_argument("--preview-prompts", help="file with one preview prompt per line")
+    p.add_argument("--preview-steps", type=int, help="solver steps for previews (default: the model's)")
+    p.add_argument("--preview-size", help="WIDTHxHEIGHT of previews (default: the first resolution, square)")
+    p.add_argument("--allow-distilled", action="store_true", help="train on a step-distilled variant (Z-Image-Turbo)")
+    p.add_argument("--cache-dir", help="latent/embedding cache (default: OUTPUT/cache)")
+    p.add_argument("--device", help="cuda, cpu, mps, ... (default: the best available)")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="base model dtype (default: bf16 on a GPU, else fp32)"
+    )
+    p.add_argument("--int8", action="store_true", help="INT8 base (torch._int_mm): less memory, LoRA stays fp32")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="for GPUs smaller than the model: stream the frozen transformer blocks from host memory (forward and "
+        "backward); text encoders and VAE visit the device only while they run",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help."""
+
+
+def main(argv=None) -> int:
+    return run_cli(train, build_parser().parse_args(argv))
+
+
+def check_args(args, module, variant: str):
+    """Everything that can be checked without loading a model or reading images."""
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UsageError(f"--data {data}: no such folder")
+    if args.weights and not Path(args.weights).is_dir():
+        raise UsageError(f"--weights {args.weights}: no such folder")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a file; give a folder (it is created if missing)")
+    for name in ("steps", "batch_size", "grad_accum", "rank", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    finite = lambda x: math.isfinite(x)  # noqa: E731
+    if not (finite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a positive number")
+    if not (finite(args.weight_decay) and args.weight_decay >= 0) or args.warmup < 0:
+        raise UsageError("--weight-decay and --warmup must be >= 0")
+    if not (finite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        raise UsageError(f"--max-grad-norm {args.max_grad_norm}: must be >= 0 (0 = off)")
+    if not (finite(args.logit_mean) and finite(args.logit_std) and args.logit_std > 0):
+        raise UsageError("--logit-mean must be a number and --logit-std a positive number")
+    if not 0 <= args.caption_dropout <= 1 or not 0 <= args.lora_dropout < 1:
+        raise UsageError("--caption-dropout must be in [0, 1] and --lora-dropout in [0, 1)")
+    if args.alpha is not None and not (finite(args.alpha) and args.alpha > 0):
+        raise UsageError(f"--alpha {args.alpha}: must be a positive number")
+    granularity = module.PIXELS_PER_TOKEN
+    if args.bucket_step < granularity or args.bucket_step % granularity:
+        raise UsageError(f"--bucket-step must be a multiple of {granularity} for {args.model}")
+    if min(args.resolution) < args.bucket_step:
+        raise UsageError(f"--resolution {min(args.resolution)} is smaller than --bucket-step {args.bucket_step}")
+    if args.preview_prompts and not Path(args.preview_prompts).is_file():
+        raise UsageError(f"--preview-prompts {args.preview_prompts}: no such file")
+    if args.preview_size:
+        import sample
+
+        sample.parse_size(args.preview_size, granularity)
+    if getattr(module.VARIANTS[variant], "distilled", False):
+        if not args.allow_distilled:
+            raise UsageError(
+                f"{variant} is step-distilled: a LoRA trained on it loses the few-step distillation. "
+                f"Train on {module.TRAIN_VARIANT} (the default) or pass --allow-distilled"
+            )
+        print(f"warning: training on {variant} (distilled): expect it to need more steps afterwards", file=sys.stderr)
+
+
+def train(args) -> int:
+    # ---- arguments, and the checkpoint to resume: all before anything expensive
+    module, variant = resolve_model(args.model)
+    args.variant = variant
+    check_args(args, module, variant)
+    out = Path(args.output)
+    checkpoint_path = out / "checkpoint.pt"
+    resume = read_checkpoint(args, checkpoint_path)
+
+    # ---- data: scan, bucket (image headers only)
+    data = Path(args.data)
+    items, skipped = scan(data)
+    samples = attach_references(plan_samples(items, args.resolution, args.bucket_step, skipped), module, skipped)
+    if not samples:
+        raise UsageError(f"no usable images in {data} (skipped: {dict(skipped) or 'no image files found'})")
+    preview_prompts = list(args.preview)
+    if args.preview_prompts:
+        preview_prompts += [p.strip() for p in Path(args.preview_prompts).read_text().splitlines() if p.strip()]
+
+    import torch
+
+    import sample
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    # ---- model
+    device = sample.pick_device(args.device)
+    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    pipe, names, params = setup_model(args, module, variant, device, dtype)
+    transformer = pipe.transformer
+    source = Path(args.weights).resolve() if args.weights else module.VARIANTS[variant].repo
+    model_id = f"{args.model}:{variant}:{source}:{dtype_name}"
+
+    # ---- cache latents and prompt embeddings (each computed once, reused by later runs)
+    progress = not args.quiet
+    new_latents = cache_latents(pipe, samples, cache, model_id, skipped, progress)
+    if not samples:
+        raise UsageError(f"no usable images in {data} (skipped: {dict(skipped)})")
+    prompts = [s["caption"] for s in samples] + [""] + preview_prompts  # "": caption dropout and CFG previews
+    prompt_files, new_prompts = cache_prompts(pipe, prompts, cache, model_id, progress)
+    print(
+        f"data: {len(items)} captioned images, {len(samples)} training samples in "
+        f"{len({s['bucket'] for s in samples})} buckets ({sum(bool(s['refs']) for s in samples)} edit pairs); "
+        f"skipped {dict(skipped) or 'none'}; "
+        f"encoded {new_latents} latents and {new_prompts} prompts (the rest from {cache})"
+    )
+    conds = {prompt: load_tensors(file) for prompt, file in prompt_files.items()}
+    free_encoders(pipe, conds, args.offload, device)
+
+    # ---- optimizer, and the resumed state
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda step: min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    gen = torch.Generator().manual_seed(args.seed)  # sigmas, noise and caption dropout
+    position = Position()
+    if resume is not None:
+        position = restore_checkpoint(resume, transformer, optimizer, scheduler, gen, args)
+        note = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in resume["adjusted"].items())
+        print(f"resumed from step {position.step}" + (f" with the new {note}" if note else ""))
     velocity_kwargs = pipe.training_kwargs()
-
     buckets = defaultdict(list)
     for i, s in enumerate(samples):
-        buckets[s["bucket"]].append(i)
-    gen = torch.Generator().manual_seed(args.seed)  # sigmas, noise and caption dropout
-    step, epoch, position = 0, 0, 0
-    if resume is not None:
-        saved = resume["lora"]
-        layers = lora.lora_layers(transformer)
-        if set(saved) != {f"{n}.lora_{k}" for n in layers for k in "AB"} or any(
-            saved[f"{n}.lora_A"].shape != m.lora_A.shape for n, m in layers.items()
-        ):
-            raise UsageError("--resume: the checkpoint was made with other LoRA settings (--rank / --lora-targets)")
-        for name, layer in layers.items():
-            layer.lora_A.data.copy_(saved[f"{name}.lora_A"]), layer.lora_B.data.copy_(saved[f"{name}.lora_B"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        step, epoch, position = resume["step"], resume["epoch"], resume["position"]
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        print(f"resumed from step {step}")
-    batches = epoch_batches(buckets, args.batch_size, args.seed, epoch)
+        buckets[(s["bucket"], len(s["refs"]))].append(i)  # a batch's samples have the same number of references
+
+    order = {}  # {epoch: its batches}, for the current epoch only
 
     def next_batch():
-        nonlocal epoch, position, batches
-        if position == len(batches):
-            epoch, position = epoch + 1, 0
-            batches = epoch_batches(buckets, args.batch_size, args.seed, epoch)
-        batch = [samples[i] for i in batches[position]]
-        position += 1
-        return batch
-
-    def save_checkpoint():
-        state = {
-            f"{n}.lora_{k}": getattr(m, f"lora_{k}").detach().cpu()
-            for n, m in lora.lora_layers(transformer).items()
-            for k in "AB"
-        }
-        atomic_torch_save(
-            {
-                "lora": state,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "position": position,
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "args": vars(args),
-            },
-            checkpoint_path,
-        )
+        if position.epoch not in order:
+            order.clear()
+            order[position.epoch] = epoch_batches(buckets, args.batch_size, args.seed, position.epoch)
+        if position.batch == len(order[position.epoch]):
+            position.epoch, position.batch = position.epoch + 1, 0
+            return next_batch()
+        position.batch += 1
+        return [samples[i] for i in order[position.epoch][position.batch - 1]]
 
     def preview():
-        if not preview_prompts:
-            return
         folder = out / "previews"
         folder.mkdir(exist_ok=True)
-        h, w = sample.parse_size(args.preview_size, granularity) if args.preview_size else (args.resolution[0],) * 2
+        h, w = sample.parse_size(args.preview_size, module.PIXELS_PER_TOKEN) if args.preview_size else (None, None)
+        h, w = h or args.resolution[0], w or args.resolution[0]
         transformer.eval()
         images = pipe.generate(
             preview_prompts, height=h, width=w, steps=args.preview_steps, seed=args.seed, progress=False
         )
         transformer.train()
         for i, image in enumerate(images):
-            image.save(folder / f"step{step:06d}-{i:02d}.png")
+            image.save(folder / f"step{position.step:06d}-{i:02d}.png")
 
-    log_path = out / "log.csv"
-    new_log = resume is None or not log_path.is_file()
-    log = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "grad_norm", "images_per_s", "seconds"])
+    # ---- the steps
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, disable=args.quiet, desc=f"train {variant}")
-    start, seen = time.time(), 0
-    while step < args.steps:
-        total_loss = 0.0
-        for _ in range(args.grad_accum):
-            batch = next_batch()
-            x0 = torch.cat([load_tensors(s["latent_file"])["latent"] for s in batch]).to(device)
-            captions = ["" if torch.rand((), generator=gen) < args.caption_dropout else s["caption"] for s in batch]
-            cond = collate([conds[c] for c in captions])
-            n = x0.shape[0]
-            if args.timesteps == "logit_normal":
-                sigma = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=gen))
-            else:
-                sigma = torch.rand(n, generator=gen)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            sigma = sigma.to(device)
-            x_sigma = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-            v = pipe.velocity(x_sigma, sigma, cond, **velocity_kwargs)
-            loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
-            (loss / args.grad_accum).backward()  # the mean over every micro-batch, as one big batch would give
-            total_loss += loss.item() / args.grad_accum
-            seen += n
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        rate = seen / (time.time() - start)
-        writer.writerow(
-            [
-                step,
-                f"{total_loss:.6f}",
-                f"{scheduler.get_last_lr()[0]:.3g}",
-                f"{float(grad_norm):.4g}",
-                f"{rate:.3f}",
-                f"{time.time() - start:.1f}",
-            ]
-        )
-        log.flush()
-        bar.set_postfix(loss=f"{total_loss:.4f}", img_s=f"{rate:.2f}")
-        bar.update()
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint()
-        if args.preview_every and step % args.preview_every == 0:
-            preview()
+    from flux1 import bar_disabled
+
+    log = LogFile(out / "log.csv", position.step if resume is not None else None)
+    bar = tqdm(total=args.steps, initial=position.step, disable=bar_disabled(progress), desc=f"train {variant}")
+    start, session_start, seen = time.time() - position.seconds, time.time(), 0
+    last_checkpoint = position.step if resume is not None else None
+    with StopOnInterrupt() as interrupt:
+        while position.step < args.steps:
+            loss = 0.0
+            for _ in range(args.grad_accum):
+                batch = next_batch()
+                loss += micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs) / args.grad_accum
+                seen += len(batch)
+            clip = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                where = f"the last good checkpoint is {checkpoint_path} (step {last_checkpoint})"
+                raise Diverged(
+                    f"training diverged at step {position.step + 1}: loss {loss}, gradient norm {grad_norm}; nothing "
+                    f"was written. {where if last_checkpoint is not None else 'No checkpoint was written yet'}; "
+                    "try a lower --lr (or --max-grad-norm)"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            position.seconds = time.time() - start
+            rate = seen / max(time.time() - session_start, 1e-9)
+            lr = f"{scheduler.get_last_lr()[0]:.3g}"
+            log.write(position.step, f"{loss:.6f}", lr, f"{grad_norm:.4g}", f"{rate:.3f}", f"{position.seconds:.1f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+            if position.step % args.checkpoint_every == 0 or position.step == args.steps or interrupt.requested:
+                save_checkpoint(checkpoint_path, transformer, optimizer, scheduler, position, gen, args)
+                last_checkpoint = position.step
+            if interrupt.requested:
+                bar.close()
+                raise Interrupted(
+                    f"interrupted: checkpoint of step {position.step} written to {checkpoint_path}; to continue, "
+                    "run the same command with --resume"
+                )
+            if args.preview_every and position.step % args.preview_every == 0 and preview_prompts:
+                preview()
     bar.close()
     log.close()
 
+    # ---- the LoRA, in the format other tools load
     final = out / f"{args.name or 'lora-' + args.model}.safetensors"
-    metadata = {
-        "base_model": variant,
-        "base_repo": variant_info.repo,
-        "rank": args.rank,
-        "alpha": args.alpha or args.rank,
-        "targets": json.dumps(targets),
-        "layers": len(names),
-        "format": module.LORA_FORMAT,
-        "training": json.dumps({k: v for k, v in vars(args).items() if isinstance(v, int | float | str | list)}),
-    }
-    lora.save(transformer, final, module.LORA_FORMAT, metadata)
-    print(f"wrote {final} ({len(names)} layers, rank {args.rank}) after {step} steps; log {log_path}")
+    targets = args.lora_targets or module.LORA_TARGETS
+    export_lora(final, transformer, module, variant, names, targets, args, position)
+    print(f"wrote {final} ({len(names)} layers, rank {args.rank}) after {position.step} steps; log {out / 'log.csv'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sample
+
+    sample.entry(main)

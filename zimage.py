@@ -71,8 +71,11 @@ class ZImageParams:
 class Variant:
     repo: str
     steps: int
-    cfg: float  # official parameterisation: v = v_c + cfg (v_c - v_u), 0 = off (no unconditional pass)
+    cfg: float  # official parameterisation: v = v_c + cfg (v_c - v_u), applied only for cfg > 1 (official rule)
     shift: float  # static timestep shift; the repo's scheduler/scheduler_config.json overrides it when present
+    # The repo's scheduler_config.json may set use_dynamic_shifting: then FLUX.1's resolution-dependent mu replaces
+    # `shift`, with (base_shift, max_shift, base_image_seq_len, max_image_seq_len) from the same file.
+    dynamic_shift: tuple[float, float, int, int] | None = None
     solver: str = "euler"
     size: tuple[int, int] = (1024, 1024)
     cfg_truncation: float = 1.0  # no CFG once Z-Image time (1 - sigma) exceeds this; 1.0 never truncates
@@ -505,25 +508,26 @@ LORA_TARGETS = [  # attention and SwiGLU of every block (main layers and both re
 LORA_FORMAT = "comfy"  # diffusion_model.<official name>: ai-toolkit's convention, loaded by ComfyUI and diffusers
 
 
-def comfy_names(model: nn.Module) -> list[str]:
-    """ComfyUI's own names for Z-Image's attention: one fused `attention.qkv` and `attention.out`."""
-    blocks = [n.removesuffix(".attention") for n, _ in model.named_modules() if n.endswith(".attention")]
-    return [f"{b}.attention.{part}" for b in blocks for part in ("qkv", "out")]
+# What kohya's musubi-tuner writes for Z-Image LoRAs (its utils/sai_model_spec.py and architectures.py).
+LORA_METADATA = {
+    "ss_base_model_version": "z_image",
+    "modelspec.architecture": "Z-Image/lora",
+    "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
+}
 
 
-def lora_to_official(pairs: dict, params: ZImageParams) -> dict:
-    """LoRA pairs in ComfyUI's fused naming -> the official (diffusers) names: a fused qkv LoRA splits exactly into
-    three sharing A. Official names pass through."""
-    out = {}
-    for name, pair in pairs.items():
-        if name.endswith(".attention.qkv"):
-            for part, split_pair in zip(("to_q", "to_k", "to_v"), lora.split(pair, [params.dim] * 3)):
-                out[name.removesuffix("qkv") + part] = split_pair
-        elif name.endswith(".attention.out"):
-            out[name.removesuffix("out") + "to_out.0"] = pair
-        else:
-            out[name] = pair
-    return out
+def lora_aliases(model: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """ComfyUI's own names for Z-Image's attention -> ours (lora.route): one fused `attention.qkv`, whose rows are q,
+    k and v in turn, and `attention.out`."""
+    dim, whole = model.params.dim, slice(None)
+    aliases = {}
+    for block in (n.removesuffix(".attention") for n, _ in model.named_modules() if n.endswith(".attention")):
+        qkv = [(f"{block}.attention.to_{c}", slice(i * dim, (i + 1) * dim), whole) for i, c in enumerate("qkv")]
+        aliases |= {
+            f"{block}.attention.qkv": qkv,
+            f"{block}.attention.out": [(f"{block}.attention.to_out.0", whole, whole)],
+        }
+    return aliases
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,33 +539,67 @@ def component_files(v: Variant) -> list[str]:
 
 
 def load(
-    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16
+    name_or_path=DEFAULT_VARIANT, variant: str | None = None, device="cpu", dtype=torch.bfloat16, progress=False
 ) -> "ZImagePipeline":
     """Load from a variant name (downloads from Hugging Face) or a folder laid out like the official repo:
     `transformer/`, `text_encoder/` (Qwen3), `tokenizer/`, `vae/` (FLUX.1's autoencoder), `scheduler/`. A local
     folder is taken as Turbo unless `variant` says otherwise (the two repos' files look alike)."""
     detect = lambda root: DEFAULT_VARIANT  # noqa: E731
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "Z-Image", detect, component_files)
-    transformer = load_transformer(root / "transformer", device, dtype)
-    text_config = read_config(root / "text_encoder")
-    # Z-Image reads the second-to-last layer's output, so the last layer (and the final norm) are never built.
-    text_encoder = load_qwen3(root / "text_encoder", text_config["num_hidden_layers"] - 1, device, dtype)
     tokenizer = Qwen3Tokenizer(root / "tokenizer" / "tokenizer.json")
-    ae = flux1.load_ae(root / "vae", device, dtype)
-    defaults = VARIANTS[variant]
-    scheduler = root / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():  # the repo's own timestep shift is the official default
-        defaults = Variant(**{**defaults.__dict__, "shift": json.loads(scheduler.read_text()).get("shift", 3.0)})
+    with flux1.loading_bar(variant, 3, progress) as bar:
+        transformer = load_transformer(root / "transformer", device, dtype)
+        bar.update()
+        text_config = read_config(root / "text_encoder")
+        # Z-Image reads the second-to-last layer's output, so the last layer (and the final norm) are never built.
+        text_encoder = load_qwen3(root / "text_encoder", text_config["num_hidden_layers"] - 1, device, dtype)
+        bar.update()
+        ae = flux1.load_ae(root / "vae", device, dtype)
+        bar.update()
+    defaults = scheduler_defaults(VARIANTS[variant], root / "scheduler" / "scheduler_config.json")
     return ZImagePipeline(transformer, text_encoder, tokenizer, ae, variant, defaults)
+
+
+def scheduler_defaults(defaults: Variant, config_file: Path) -> Variant:
+    """The repo's own schedule is the official default: its static `shift`, or, with use_dynamic_shifting, the
+    resolution-dependent shift of FLUX.1 (the official loader and pipeline read the same keys, same fallbacks)."""
+    if not config_file.is_file():
+        return defaults
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    dynamic = None
+    if config.get("use_dynamic_shifting", False):
+        dynamic = (
+            float(config.get("base_shift", 0.5)),
+            float(config.get("max_shift", 1.15)),
+            int(config.get("base_image_seq_len", 256)),
+            int(config.get("max_image_seq_len", 4096)),
+        )
+    return Variant(**{**defaults.__dict__, "shift": float(config.get("shift", 3.0)), "dynamic_shift": dynamic})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pipeline
 
 
-def schedule(steps: int, shift: float) -> Tensor:
-    """Z-Image's static shift of an even grid (the official scheduler ignores the resolution)."""
-    return solvers.static_shift(solvers.linear_sigmas(steps), shift)
+def schedule(steps: int, shift: float, dynamic_shift=None, height: int = 0, width: int = 0) -> Tensor:
+    """Z-Image's static shift of an even grid (the released repos' scheduler ignores the resolution), or, when the
+    scheduler config sets use_dynamic_shifting, FLUX.1's mu for this image size (`Variant.dynamic_shift`)."""
+    sigmas = solvers.linear_sigmas(steps)
+    if dynamic_shift is None:
+        return solvers.static_shift(sigmas, shift)
+    base_shift, max_shift, base_len, max_len = dynamic_shift
+    tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+    return solvers.time_shift(sigmas, solvers.flux1_mu(tokens, base_len, max_len, base_shift, max_shift))
+
+
+def official_time(sigma: float) -> float:
+    """Z-Image's normalised time (1 = data) exactly as its pipeline computes it: timestep = sigma * 1000 and
+    (1000 - timestep) / 1000, both in float32. CFG truncation compares this value, so ties fall as they do there."""
+    t = torch.tensor(sigma, dtype=torch.float32) * 1000
+    return ((1000 - t) / 1000).item()
 
 
 class ZImagePipeline:
@@ -594,12 +632,26 @@ class ZImagePipeline:
         # Z-Image's time is 1 - sigma and its output is x0 - noise: both flipped into the shared convention here.
         return -self.transformer(x, 1 - sigma, caps).float()
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi or diffusers/PEFT keys) to the transformer at
-        `scale`; returns the layers it touched. Several files stack."""
-        names = [n for n, _ in self.transformer.named_modules()] + comfy_names(self.transformer)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, lora_to_official(pairs, self.transformer.params), scale)
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """The schedule generate() samples on (for samplers outside it, e.g. edit.py)."""
+        return schedule(steps, self.defaults.shift, self.defaults.dynamic_shift, height, width)
+
+    def sampling_kwargs(self, guidance=None) -> dict:
+        if guidance is not None:
+            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        return {}
+
+    def null_condition(self, n: int = 1) -> dict[str, list[Tensor]]:
+        """The unconditional condition (RF-inversion's null text, edit.py): the empty prompt's features, as Z-Image's
+        classifier-free guidance uses."""
+        return self.encode_prompt([""] * n)
+
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi, diffusers/PEFT, LyCORIS keys; see lora.py) to the
+        transformer and the text encoder at `scale`; returns the layers it changed. Several files stack. What cannot
+        be applied is named in a warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        return lora.load(path, components, scale, {"transformer": lora_aliases(self.transformer)}, strict)
 
     def training_kwargs(self) -> dict:
         return {}
@@ -631,9 +683,12 @@ class ZImagePipeline:
         """Text (or image) to image; unset settings take the variant's defaults (see flux1's generate for the shared
         arguments). cfg is the official guidance scale w: v = v_c + w (v_c - v_u), 0 = off. cfg_truncation: no CFG
         once Z-Image time 1 - sigma exceeds it (official option; 1.0 = never). cfg_normalization k > 0: rescale the
-        guided velocity so its norm is at most k times the conditional one's (official option)."""
-        if guidance is not None:
-            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        guided velocity so its norm is at most k times the conditional one's (official option).
+
+        As in Tongyi's pipeline, CFG runs only for cfg > 1 (0 < cfg <= 1 is no CFG, although the formula would
+        change the output; diffusers' ZImagePipeline applies it for any cfg > 0), and truncation compares the
+        float32 time the official loop computes (`official_time`)."""
+        self.sampling_kwargs(guidance)  # refuses a distilled guidance
         d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
         cfg = d.cfg if cfg is None else cfg
@@ -643,11 +698,11 @@ class ZImagePipeline:
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
         cond = self.encode_prompt(as_list(prompts, n))
-        uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg > 0 else None
+        uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg > 1 else None
 
         def velocity_fn(x, sigma):
             v = self.velocity(x, sigma, cond)
-            if uncond is None or 1 - sigma > cfg_truncation:
+            if uncond is None or (cfg_truncation <= 1 and official_time(sigma) > cfg_truncation):
                 return v
             guided = torch.lerp(self.velocity(x, sigma, uncond), v, 1 + cfg)  # v_c + cfg (v_c - v_u)
             if cfg_normalization > 0:
@@ -656,7 +711,7 @@ class ZImagePipeline:
                 guided = guided * (cfg_normalization * norm_c / norm_g).clamp(max=1)
             return guided
 
-        sigmas = schedule(steps, d.shift) if sigmas is None else sigmas
+        sigmas = schedule(steps, d.shift, d.dynamic_shift, height, width) if sigmas is None else sigmas
         return run_sampler(
             self, velocity_fn, n, height, width, sigmas, solver, seed, noise, init, strength, output, progress
         )

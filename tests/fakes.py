@@ -4,6 +4,7 @@ The reference models come from diffusers / transformers (test-only oracles); the
 official repos ship, so our loaders are exercised exactly as on real checkpoints."""
 
 import json
+import os
 import random
 import re
 import shutil
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+# The real vocabularies (clip_l/, t5_xxl/, umt5_xxl/, qwen3/ tokenizer files): only the tests *about* those vocabularies
+# use them, from $RF_TOKENIZERS or the workplace's ../shared/tokenizers, and skip without them. Everything else runs on
+# the tiny tokenizers below, so a fresh clone runs the rest of the suite.
+TOKENIZERS = Path(os.environ.get("RF_TOKENIZERS") or Path(__file__).resolve().parents[2] / "shared" / "tokenizers")
 
 LONG_PROMPT = (
     "a highly detailed photograph of an astronaut riding a horse on the surface of mars, " * 30
@@ -105,6 +110,165 @@ def random_prompts(n: int, seed: int = 0, suffixes=("", "'s", "'ll", " <|endofte
         "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 40))) + rng.choice(suffixes)
         for _ in range(n)
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny tokenizers: the real ones' pipelines (normalisers, pre-tokenizers, special tokens, chat template) with a small
+# vocabulary trained here on the prompts above, written in the files the official repos ship. Our tokenizers and
+# transformers' read the same files, so pipeline parity tests compare like with like without ../shared.
+
+TINY_CORPUS_REPEAT = 3
+
+
+def _tiny_corpus() -> list[str]:
+    captions = [f"a {c} {s} on a gradient" for c in ("red", "green", "blue") for s in ("square", "circle", "frame")]
+    return (VARIED_PROMPTS + captions + random_prompts(300, seed=1)) * TINY_CORPUS_REPEAT
+
+
+def write_clip_tokenizer(folder: Path) -> Path:
+    """CLIP's byte-level BPE (`vocab.json` + `merges.txt`): every byte symbol bare and with "</w>", ~500 merges, the
+    two special tokens last, so that <|endoftext|> is the largest id as in the real vocabulary (CLIP pools there)."""
+    from flux1 import CLIP_WORD_PATTERN
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=900, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab, merges = model["vocab"], model["merges"]
+    for symbol in sorted(alphabet):
+        for s in (symbol, symbol + "</w>"):
+            vocab.setdefault(s, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_t5_tokenizer(folder: Path, umt5: bool = False) -> Path:
+    """A SentencePiece-Unigram `tokenizer.json` laid out as T5's (<pad> 0, </s> 1, <unk> 2, 100 <extra_id_*>) or umT5's
+    (<pad> 0, </s> 1, <s> 2, <unk> 3), with the Metaspace pre-tokenizer and an </s>-appending post-processor."""
+    specials = ["<pad>", "</s>", "<s>", "<unk>"] if umt5 else ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.Unigram())
+    # As the real files: T5 normalises with SentencePiece's precompiled NFKC map (NFKC here), strips trailing spaces
+    # and turns runs of spaces into one "\u2581"; umT5 only collapses runs of spaces.
+    if umt5:
+        tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
+    else:
+        steps = [normalizers.NFKC(), normalizers.Strip(left=False, right=True)]
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(Regex(" {2,}"), "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(f"<extra_id_{i}>", special=True, normalized=False) for i in range(99, -1, -1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+# Qwen2/3's pre-tokenizer pattern (from its tokenizer.json): contractions, letter runs with one leading non-letter,
+# single digits, punctuation runs, newlines, spaces.
+QWEN3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# A Jinja chat template that writes what Qwen3's does for one user message with add_generation_prompt (thinking on:
+# nothing more; off: an empty think block), for transformers' apply_chat_template.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def write_qwen3_tokenizer(folder: Path) -> Path:
+    """Qwen3's byte-level BPE `tokenizer.json` + `tokenizer_config.json` (pad <|endoftext|>, chat template)."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "chat_template": QWEN3_CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+# Vocabulary sizes of the tiny text encoders: at least the tiny tokenizers' (checked in write_tiny_tokenizer).
+TINY_CLIP_VOCAB, TINY_T5_VOCAB, TINY_QWEN3_VOCAB = 1100, 512, 720
+_TINY_WRITERS = {
+    "clip": (lambda f: write_clip_tokenizer(f), TINY_CLIP_VOCAB),
+    "t5": (lambda f: write_t5_tokenizer(f), TINY_T5_VOCAB),
+    "umt5": (lambda f: write_t5_tokenizer(f, umt5=True), TINY_T5_VOCAB),
+    "qwen3": (lambda f: write_qwen3_tokenizer(f), TINY_QWEN3_VOCAB),
+}
+_TINY_CACHE: dict[str, Path] = {}
+
+
+def write_tiny_tokenizer(kind: str, folder: Path) -> Path:
+    """Write the tiny tokenizer files of `kind` (clip, t5, umt5, qwen3) into folder; trained once per session."""
+    import tempfile
+
+    writer, vocab_size = _TINY_WRITERS[kind]
+    if kind not in _TINY_CACHE:
+        built = writer(Path(tempfile.mkdtemp(prefix=f"tiny-{kind}-")))
+        files = {p.name: p for p in built.iterdir()}
+        if "tokenizer.json" in files:
+            size = json.loads(files["tokenizer.json"].read_text())
+            size = len(size["model"]["vocab"]) + len(size["added_tokens"])
+        else:
+            size = len(json.loads(files["vocab.json"].read_text()))
+        assert size <= vocab_size, f"tiny {kind} tokenizer has {size} ids; raise its TINY_*_VOCAB"
+        _TINY_CACHE[kind] = built
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in _TINY_CACHE[kind].iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
 
 
 # Tiny FLUX.1: 2 heads of 32 channels (rope axes (4, 14, 14), the (16, 56, 56) split scaled down), 2 + 2 blocks.
@@ -290,20 +454,17 @@ def write_flux1_repo(
     else:
         ae.save_pretrained(root / "vae")
 
-    clip, t5 = tiny_clip(seed + 2), tiny_t5(seed + 3)
-    clip.save_pretrained(root / "text_encoder", max_shard_size="200KB")
-    t5.save_pretrained(root / "text_encoder_2", max_shard_size="500KB")
-    (root / "tokenizer").mkdir(exist_ok=True)
-    (root / "tokenizer_2").mkdir(exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copy(TOKENIZERS / "clip_l" / f, root / "tokenizer" / f)
-    shutil.copy(TOKENIZERS / "t5_xxl" / "tokenizer.json", root / "tokenizer_2" / "tokenizer.json")
+    clip, t5 = tiny_clip(seed + 2, vocab_size=TINY_CLIP_VOCAB), tiny_t5(seed + 3, vocab_size=TINY_T5_VOCAB)
+    clip.save_pretrained(root / "text_encoder", max_shard_size="40KB")
+    t5.save_pretrained(root / "text_encoder_2", max_shard_size="40KB")
+    write_tiny_tokenizer("clip", root / "tokenizer")
+    write_tiny_tokenizer("t5", root / "tokenizer_2")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    return {"transformer": transformer, "ae": ae, "clip": clip, "t5": t5}
+    return {"transformer": transformer, "ae": ae, "clip": clip, "t5": t5, "root": root}
 
 
 def diffusers_flux_pipeline(refs: dict):
-    """diffusers' FluxPipeline assembled from the same reference modules and the real tokenizers."""
+    """diffusers' FluxPipeline assembled from the same reference modules and the repo's (tiny) tokenizer files."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -316,9 +477,8 @@ def diffusers_flux_pipeline(refs: dict):
         use_dynamic_shifting=True,
         time_shift_type="exponential",
     )
-    clip_dir = TOKENIZERS / "clip_l"
-    tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir), model_max_length=77)
-    tokenizer_2 = T5TokenizerFast(tokenizer_file=str(TOKENIZERS / "t5_xxl" / "tokenizer.json"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(refs["root"] / "tokenizer"), model_max_length=77)
+    tokenizer_2 = T5TokenizerFast(tokenizer_file=str(refs["root"] / "tokenizer_2" / "tokenizer.json"))
     return FluxPipeline(
         scheduler=scheduler,
         vae=refs["ae"],
@@ -351,14 +511,16 @@ def tiny_zimage_transformer(seed: int = 0):
     return randomize(ZImageTransformer2DModel(**ZIMAGE_TINY), std=0.2, seed=seed).eval()
 
 
-def tiny_qwen3(seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, causal_lm: bool = False):
+def tiny_qwen3(
+    seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, causal_lm: bool = False, num_layers: int = 3
+):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -372,13 +534,12 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, c
 
 def write_zimage_repo(root: Path, shift: float = 3.0, seed: int = 0) -> dict:
     root = Path(root)
-    transformer, ae, qwen = tiny_zimage_transformer(seed), tiny_ae(seed + 1), tiny_qwen3(seed + 2)
+    transformer, ae = tiny_zimage_transformer(seed), tiny_ae(seed + 1)
+    qwen = tiny_qwen3(seed + 2, vocab_size=TINY_QWEN3_VOCAB)
     transformer.save_pretrained(root / "transformer", max_shard_size="200KB")
     ae.save_pretrained(root / "vae")
-    qwen.save_pretrained(root / "text_encoder", max_shard_size="2MB")
-    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZERS / "qwen3" / f, root / "tokenizer" / f)
+    qwen.save_pretrained(root / "text_encoder", max_shard_size="40KB")
+    write_tiny_tokenizer("qwen3", root / "tokenizer")
     (root / "scheduler").mkdir(exist_ok=True)
     scheduler = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -387,7 +548,7 @@ def write_zimage_repo(root: Path, shift: float = 3.0, seed: int = 0) -> dict:
         "use_dynamic_shifting": False,
     }
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    return {"transformer": transformer, "ae": ae, "text_encoder": qwen}
+    return {"transformer": transformer, "ae": ae, "text_encoder": qwen, "root": root}
 
 
 def diffusers_zimage_pipeline(refs: dict, shift: float = 3.0):
@@ -398,6 +559,146 @@ def diffusers_zimage_pipeline(refs: dict, shift: float = 3.0):
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False),
         vae=refs["ae"],
         text_encoder=refs["text_encoder"],
-        tokenizer=AutoTokenizer.from_pretrained(TOKENIZERS / "qwen3"),
+        tokenizer=AutoTokenizer.from_pretrained(refs["root"] / "tokenizer"),
         transformer=refs["transformer"],
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.2-klein: the BFL single file `flux-2-klein-*.safetensors` at the root, the diffusers `vae/` (or BFL's
+# `ae.safetensors`), a Qwen3ForCausalLM `text_encoder/` and `tokenizer/`, as the open klein repos ship them.
+
+FLUX2_TINY = dict(
+    in_channels=128,  # 32 latent channels x 2x2, as the real model
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=48,  # 3 x the tiny Qwen3's hidden size
+    axes_dims_rope=(4, 4, 4, 4),
+    timestep_guidance_channels=256,
+    guidance_embeds=False,
+)
+FLUX2_AE_TINY = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32, norm_num_groups=32)
+# 28 layers, so that Qwen3 layers 9, 18 and 27 (klein's) are real and one layer is left unbuilt.
+FLUX2_QWEN3_LAYERS, FLUX2_QWEN3_HIDDEN = 28, 16
+
+
+def flux2_to_bfl(sd: dict) -> dict:
+    """diffusers' Flux2Transformer2DModel state dict -> BFL names (inverse of diffusers'
+    convert_flux2_transformer_checkpoint_to_diffusers; checked against it in test_flux2_klein.py)."""
+    from flux2_klein import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+
+    out = {}
+    for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
+        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
+            param = "scale"  # BFL's RMSNorm calls its weight "scale"
+        if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
+            scale, shift = value.chunk(2, dim=0)
+            out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
+        elif module in DIFFUSERS_TOP:
+            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
+        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
+            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
+            if m[3] in renames:
+                out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
+        else:
+            raise KeyError(key)
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
+        for target, sources in DIFFUSERS_FUSED_DOUBLE.items():
+            parts = [sd[f"transformer_blocks.{i}.{source}.weight"] for source in sources]
+            out[f"double_blocks.{i}.{target}.weight"] = torch.cat(parts)
+    return out
+
+
+def tiny_flux2_transformer(seed: int = 0, std: float = 0.15, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return randomize(Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides}), std=std, seed=seed).eval()
+
+
+def tiny_flux2_ae(seed: int = 0):
+    """AutoencoderKLFlux2 with non-trivial BatchNorm statistics (the defaults, mean 0 and variance 1, hide bugs)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    ae = randomize(AutoencoderKLFlux2(**FLUX2_AE_TINY), std=0.05, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    ae.bn.running_mean.copy_(0.3 * torch.randn(ae.bn.running_mean.shape, generator=g))
+    ae.bn.running_var.copy_(0.5 + torch.rand(ae.bn.running_var.shape, generator=g))
+    return ae
+
+
+def write_flux2_repo(
+    root: Path,
+    transformer_file: str = "flux-2-klein-4b.safetensors",
+    vae_format: str = "diffusers",
+    seed: int = 0,
+    distilled: bool = True,
+    std: float = 0.15,
+    **transformer_overrides,
+) -> dict:
+    """A FLUX.2-klein repo in the official layout; returns the diffusers/transformers reference models. `std`: of the
+    transformer's random weights (smaller: an output closer to a trained model's unit scale)."""
+    from flux2_klein import ae_from_diffusers
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    transformer = tiny_flux2_transformer(seed, std, **transformer_overrides)
+    save_file({k: v.contiguous() for k, v in flux2_to_bfl(transformer.state_dict()).items()}, root / transformer_file)
+    (root / "transformer").mkdir(exist_ok=True)  # the repo's diffusers transformer/: only its config is read
+    (root / "transformer" / "config.json").write_text(json.dumps(dict(transformer.config)))
+    ae = tiny_flux2_ae(seed + 1)
+    if vae_format == "bfl":
+        bfl = {k: v.contiguous() for k, v in ae_from_diffusers(ae.state_dict()).items()}
+        save_file(bfl, root / "ae.safetensors")
+    else:
+        ae.save_pretrained(root / "vae")
+    qwen = tiny_qwen3(seed + 2, TINY_QWEN3_VOCAB, FLUX2_QWEN3_HIDDEN, causal_lm=True, num_layers=FLUX2_QWEN3_LAYERS)
+    qwen.save_pretrained(root / "text_encoder", max_shard_size="100KB")
+    write_tiny_tokenizer("qwen3", root / "tokenizer")
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": distilled}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return {"transformer": transformer, "ae": ae, "text_encoder": qwen, "root": root, "distilled": distilled}
+
+
+def diffusers_flux2_pipeline(refs: dict, distilled: bool | None = None):
+    """diffusers' Flux2KleinPipeline assembled from the same reference modules and the repo's tiny tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import AutoTokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=refs["ae"],
+        text_encoder=refs["text_encoder"],
+        tokenizer=AutoTokenizer.from_pretrained(refs["root"] / "tokenizer"),
+        transformer=refs["transformer"],
+        is_distilled=refs["distilled"] if distilled is None else distilled,
+    )
+
+
+def diffusers_flux2_velocity(ref, x, sigma, txt, references=()):
+    """diffusers' Flux2Transformer2DModel on our latent layout (B, 128, h, w) with reference latents appended as
+    Flux2KleinPipeline does; returns (B, 128, h, w)."""
+    from diffusers import Flux2KleinPipeline as P
+
+    b, c, h, w = x.shape
+    img, ids = P._pack_latents(x), P._prepare_latent_ids(x)
+    if references:
+        ref_ids = P._prepare_image_ids(list(references))
+        packed = torch.cat([P._pack_latents(r).squeeze(0) for r in references])[None].expand(b, -1, -1)
+        img, ids = torch.cat([img, packed], 1), torch.cat([ids, ref_ids.expand(b, -1, -1)], 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(b)
+    out = ref(
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        timestep=sigma,
+        img_ids=ids,
+        txt_ids=P._prepare_text_ids(txt),
+        guidance=None,
+        return_dict=False,
+    )[0]
+    return out[:, : h * w].transpose(1, 2).reshape(b, c, h, w)

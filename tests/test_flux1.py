@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from fakes import (
-    TOKENIZERS,
     diffusers_flux_pipeline,
     diffusers_flux_velocity,
     flux_to_bfl,
@@ -15,8 +14,6 @@ from fakes import (
 from safetensors.torch import load_file, save_file
 
 import flux1
-
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 PROMPTS = ["a photo of a cat", "Ein Fuchs im Schnee, watercolor, 4k!"]
 
@@ -305,3 +302,62 @@ def test_image_to_image_with_strength_zero_returns_the_encoded_image(pipe):
     out = pipe.generate("x", init_image=init, strength=0.0, steps=4, output="latent", progress=False)
     assert out.shape == (1, 16, 4, 6)
     assert torch.allclose(out, pipe.encode(flux1.image_to_tensor(init, None, None, 16)), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RoPE axes: read from the repo's transformer/config.json when it has one; inferred ones are checked
+
+
+def test_rope_axes_from_repo_config(tmp_path):
+    """A head split the BFL file cannot tell (here (8, 12, 12) for 32-wide heads instead of FLUX.1's 4:14:14 ratio):
+    the repo's transformer/config.json says it, and the velocity then matches diffusers."""
+    import json
+
+    refs = write_flux1_repo(tmp_path, axes_dims_rope=(8, 12, 12), num_layers=1)
+    x, cond = torch.randn(1, 16, 4, 6), {"txt": torch.randn(1, 5, 48), "vec": torch.randn(1, 24)}
+    with torch.no_grad():
+        ref = diffusers_flux_velocity(refs["transformer"], x, 0.4, cond, guidance=torch.tensor([3.5]))
+        guessed = flux1.load(tmp_path, dtype=torch.float32)  # no config: FLUX.1's ratios, the wrong split here
+        assert guessed.transformer.params.axes_dim == (4, 14, 14)
+        assert rel(pack(guessed.velocity(x, 0.4, cond, guidance=3.5)), ref) > 1e-3
+        (tmp_path / "transformer").mkdir()
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(refs["transformer"].config)))
+        pipe = flux1.load(tmp_path, dtype=torch.float32)
+        assert pipe.transformer.params.axes_dim == (8, 12, 12)
+        assert rel(pack(pipe.velocity(x, 0.4, cond, guidance=3.5)), ref) < 1e-5
+
+
+def test_invalid_rope_axes_are_refused_clearly(tmp_path):
+    import json
+
+    # 24-wide heads: FLUX.1's ratios give (3, 10, 10), odd and summing to 23.
+    write_flux1_repo(tmp_path, attention_head_dim=24, axes_dims_rope=(4, 10, 10), num_layers=1)
+    with pytest.raises(ValueError, match=r"RoPE axes \(3, 10, 10\).*head_dim 24.*axes_dims_rope"):
+        flux1.load(tmp_path, dtype=torch.float32)
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"axes_dims_rope": [6, 9, 9]}))
+    with pytest.raises(ValueError, match=r"RoPE axes \(6, 9, 9\) \(transformer/config.json\)"):
+        flux1.load(tmp_path, dtype=torch.float32)
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"axes_dims_rope": [4, 10, 10]}))
+    assert flux1.load(tmp_path, dtype=torch.float32).transformer.params.axes_dim == (4, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "error, gated, expected",
+    [
+        ("GatedRepoError", True, r"could not download r/x \(access denied: the repo is gated.*accept the licence"),
+        ("LocalEntryNotFoundError", True, r"could not download r/x \(no connection to huggingface.co"),
+        ("RepositoryNotFoundError", False, r"could not download r/x \(the repo was not found or needs a login"),
+        ("RuntimeError", False, r"could not download r/x \(RuntimeError: boom\).*--weights DIR"),
+    ],
+)
+def test_download_failure_says_why_first(monkeypatch, error, gated, expected):
+    import huggingface_hub
+
+    def fail(*args, **kwargs):
+        raise type(error, (Exception,), {})("boom\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(FileNotFoundError, match=expected) as info:
+        flux1.download("r/x", ["a"], gated)
+    assert "\n" not in str(info.value)

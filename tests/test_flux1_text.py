@@ -4,7 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import LONG_PROMPT, TOKENIZERS, VARIED_PROMPTS, max_rel, random_prompts, tiny_clip, tiny_t5
+from fakes import (
+    LONG_PROMPT,
+    TOKENIZERS,
+    VARIED_PROMPTS,
+    max_rel,
+    random_prompts,
+    tiny_clip,
+    tiny_t5,
+    write_tiny_tokenizer,
+)
 from safetensors.torch import save_file
 
 from flux1 import (
@@ -74,6 +83,22 @@ def test_t5_tokenizer_matches_transformers(tokenizer_files):
     short = ours(["a photo of a cat"])[0].tolist()
     assert short[short.index(1) + 1 :] == [0] * (511 - short.index(1))
     assert T5Tokenizer(path, max_length=256)([LONG_PROMPT]).shape == (1, 256)  # FLUX.1-schnell's length
+
+
+def test_tiny_tokenizers_match_transformers(tmp_path):
+    """The tiny CLIP and T5 files every pipeline test uses give transformers' ids too (like against like)."""
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+    from transformers import T5TokenizerFast
+
+    clip_dir, t5_dir = write_tiny_tokenizer("clip", tmp_path / "clip"), write_tiny_tokenizer("t5", tmp_path / "t5")
+    prompts = VARIED_PROMPTS + random_prompts(100, seed=3)
+    ours = CLIPTokenizer(clip_dir / "vocab.json", clip_dir / "merges.txt")
+    ref = HFCLIPTokenizer.from_pretrained(clip_dir)
+    assert ours(prompts).tolist() == ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    # From the file itself (diffusers_flux_pipeline's form): transformers 5's from_pretrained(folder) rebuilds T5's
+    # normaliser from spiece.model's charsmap, which a tokenizer.json-only tiny folder does not have.
+    ours, ref = T5Tokenizer(t5_dir / "tokenizer.json"), T5TokenizerFast(tokenizer_file=str(t5_dir / "tokenizer.json"))
+    assert ours(prompts).tolist() == ref(prompts, padding="max_length", max_length=512, truncation=True).input_ids
 
 
 # ----------------------------------------------------------------------------------------------------------------------

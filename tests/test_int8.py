@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TOKENIZERS, rel
+from fakes import rel
 from safetensors.torch import save_file
 from torch import nn
 
@@ -189,7 +189,6 @@ def test_lora_on_an_int8_base_gets_gradients():
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole models
 
-needs_tokenizers = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 FLUX_FLOAT = {  # the per-sample conditioning layers (M = batch) and img_in (the model reads its dtype there)
     "img_in",
@@ -245,7 +244,6 @@ def linear_names(model):
     return {name for name, m in model.named_modules() if type(m) is nn.Linear}
 
 
-@needs_tokenizers
 def test_quantize_flux1(flux_pipe):
     model = copy.deepcopy(flux_pipe.transformer)
     assert int8.quantize(copy.deepcopy(model)) == []  # by default, 64-wide layers count as tiny
@@ -265,7 +263,6 @@ def test_quantize_flux1(flux_pipe):
     assert out.dtype == torch.float32 and 1e-3 < err <= 5e-2, err
 
 
-@needs_tokenizers
 def test_quantize_zimage(zimage_pipe):
     model = copy.deepcopy(zimage_pipe.transformer)
     names = int8.quantize(model, min_features=MIN_FEATURES)
@@ -314,7 +311,6 @@ def test_quantize_a_model_with_lora_swaps_the_bases():
     assert isinstance(model["block"]["proj"].base, int8.Int8Linear)
 
 
-@needs_tokenizers
 def test_lora_trains_on_an_int8_base_like_on_the_float_base(flux_pipe):
     """A LoRA learns to match a teacher (the float model plus a fixed random LoRA) as well on the INT8 base as on the
     float one: same fixed batch, same initial LoRA weights, same optimiser, 20 Adam steps."""
@@ -359,7 +355,6 @@ def test_lora_trains_on_an_int8_base_like_on_the_float_base(flux_pipe):
 # Saving and loading
 
 
-@needs_tokenizers
 def test_save_and_load_quantized_flux1(flux_pipe, tmp_path):
     model = copy.deepcopy(flux_pipe.transformer)
     int8.quantize(model, min_features=MIN_FEATURES)
@@ -385,7 +380,6 @@ def test_save_and_load_quantized_flux1(flux_pipe, tmp_path):
         assert torch.equal(with_transformer(flux_pipe, loaded_float).velocity(x, sigma, cond, guidance=3.5), a)
 
 
-@needs_tokenizers
 def test_save_and_load_quantized_zimage(zimage_pipe, tmp_path):
     model = copy.deepcopy(zimage_pipe.transformer)
     int8.quantize(model, min_features=MIN_FEATURES)

@@ -17,15 +17,13 @@ benchmarks/bench_offload.py measures those on a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TOKENIZERS, rel
+from fakes import rel
 from torch import nn
 
 import flux1
 import lora
 import offload
 import zimage
-
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 GENERATE = dict(height=32, width=48, steps=2, output="pt", progress=False, seed=3)
 

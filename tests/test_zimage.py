@@ -3,12 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from fakes import TOKENIZERS, diffusers_zimage_pipeline, rel, tiny_zimage_transformer
+from fakes import diffusers_zimage_pipeline, rel, tiny_zimage_transformer
 
 import sample
 import zimage
-
-pytestmark = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason=f"real tokenizer files not found at {TOKENIZERS}")
 
 PROMPTS = ["a photo of a cat", "一只在雪地里的狐狸, watercolor, highly detailed, soft morning light, 4k!"]
 
@@ -220,3 +218,86 @@ def test_broken_repo_gets_one_line_errors(zimage_repo, tmp_path, capsys):
     assert "missing tokenizer file" in capsys.readouterr().err
     assert sample.main(["zimage", "x", "--out", str(tmp_path / "o"), *common, "--size", "40x40"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where the official pipeline (Tongyi's src/zimage/pipeline.py) and diffusers differ, we follow the official one.
+
+
+def count_calls(pipe, monkeypatch) -> list:
+    """Record each transformer call's conditioning count (1 = conditional only)."""
+    calls = []
+    original = pipe.velocity
+
+    def spy(x, sigma, cond):
+        calls.append(sigma)
+        return original(x, sigma, cond)
+
+    monkeypatch.setattr(pipe, "velocity", spy)
+    return calls
+
+
+def test_cfg_only_above_one(pipe, monkeypatch):
+    """Official: do_classifier_free_guidance = guidance_scale > 1, so 0 < cfg <= 1 is plain sampling."""
+    noise = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(7))
+    kw = dict(steps=3, noise=noise, output="latent", progress=False, negative_prompt="blurry")
+    calls = count_calls(pipe, monkeypatch)
+    plain = pipe.generate(PROMPTS[0], cfg=0.0, **kw)
+    assert len(calls) == 3
+    for cfg in (0.5, 1.0):
+        calls.clear()
+        assert torch.equal(pipe.generate(PROMPTS[0], cfg=cfg, **kw), plain) and len(calls) == 3
+    calls.clear()
+    guided = pipe.generate(PROMPTS[0], cfg=1.5, **kw)
+    assert len(calls) == 6 and rel(guided, plain) > 1e-4
+
+
+def test_cfg_truncation_ties_fall_as_official(pipe, monkeypatch):
+    """Truncation 0.6 on sigmas 1, .8, .6, .4, .2, 0: at sigma 0.4 the official float32 time (1000 - 1000 * 0.4) /
+    1000 is 0.6000000238 > 0.6, so CFG is off there; 1 - sigma in float64 (0.59999999) would have kept it."""
+    import solvers
+
+    sigmas = solvers.linear_sigmas(5)
+    # The official loop's rule: timestep = sigma * 1000 and t_norm = (1000 - timestep) / 1000 in float32, then
+    # `t_norm.item() > cfg_truncation` between python floats.
+    t = sigmas.numpy().astype(np.float32) * np.float32(1000)
+    t_norm = ((np.float32(1000) - t) / np.float32(1000)).astype(np.float64)
+    expected_uncond = int(sum(t_norm[:-1] <= 0.6))
+    assert expected_uncond == 3  # sigma 1, .8, .6 (not .4)
+    calls = count_calls(pipe, monkeypatch)
+    noise = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(8))
+    pipe.generate(PROMPTS[0], cfg=3.0, cfg_truncation=0.6, sigmas=sigmas, noise=noise, output="latent", progress=False)
+    assert len(calls) == 5 + expected_uncond
+
+
+def test_scheduler_dynamic_shifting_is_honoured(zimage_repo, tmp_path):
+    """A repo whose scheduler_config.json sets use_dynamic_shifting gets FLUX.1's resolution-dependent mu, with the
+    file's parameters, as the official loader and diffusers' scheduler give."""
+    import json
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root = tmp_path / "repo"
+    shutil.copytree(zimage_repo[0], root)
+    config = {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.4,
+        "max_shift": 1.3,
+        "base_image_seq_len": 128,
+        "max_image_seq_len": 2048,
+    }
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    pipe = zimage.load(root, device="cpu", dtype=torch.float32)
+    assert pipe.defaults.dynamic_shift == (0.4, 1.3, 128, 2048)
+    for height, width, steps in [(512, 512, 8), (1024, 768, 20)]:
+        tokens = (height // 16) * (width // 16)
+        mu = 0.4 + (1.3 - 0.4) / (2048 - 128) * (tokens - 128)
+        ref = FlowMatchEulerDiscreteScheduler(**config)
+        ref.set_timesteps(sigmas=np.linspace(1, 0, steps + 1)[:-1], mu=mu)  # the pipelines' grid (sigma_min 0)
+        ours = zimage.schedule(steps, pipe.defaults.shift, pipe.defaults.dynamic_shift, height, width)
+        assert torch.allclose(ours.float(), ref.sigmas, atol=1e-6)
+        static = zimage.schedule(steps, 3.0)
+        assert (ours - static).abs().max() > 1e-2  # really a different schedule

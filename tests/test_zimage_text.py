@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import LONG_PROMPT, TOKENIZERS, VARIED_PROMPTS, max_rel, random_prompts, randomize
+from fakes import LONG_PROMPT, TOKENIZERS, VARIED_PROMPTS, max_rel, random_prompts, randomize, write_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from zimage import Qwen3Config, Qwen3Encoder, Qwen3Tokenizer, encode_captions, load_qwen3
@@ -47,6 +47,32 @@ def tokenizers(qwen3_files):
     from transformers import AutoTokenizer
 
     return Qwen3Tokenizer(qwen3_files / "tokenizer.json"), AutoTokenizer.from_pretrained(qwen3_files)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizers(tmp_path_factory):
+    """(ours, transformers') on the tiny Qwen3 tokenizer of tests/fakes.py: for the tests that need ids, not the real
+    vocabulary."""
+    from transformers import AutoTokenizer
+
+    folder = write_tiny_tokenizer("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
+    return Qwen3Tokenizer(folder / "tokenizer.json"), AutoTokenizer.from_pretrained(folder)
+
+
+def test_tiny_tokenizer_matches_transformers(tiny_tokenizers):
+    """The tiny files every pipeline test uses give the same ids to both sides (so those tests compare like with
+    like), with the real pipeline's behaviour: chat template, special tokens kept whole, padding, truncation."""
+    ours, ref = tiny_tokenizers
+    prompts = PROMPTS + random_prompts(40, seed=2, suffixes=QWEN3_SUFFIXES)
+    for enable_thinking in (True, False):
+        texts = ours.chat(prompts, enable_thinking=enable_thinking)
+        assert texts == [hf_chat(ref, p, enable_thinking) for p in prompts]
+        ids, mask = ours(texts)
+        expected = ref(texts, padding="max_length", max_length=512, truncation=True)
+        assert ids.tolist() == expected.input_ids and mask.tolist() == expected.attention_mask
+    assert ours.pad_id == ref.pad_token_id
+    im_start = ref.convert_tokens_to_ids("<|im_start|>")
+    assert ours(ours.chat("a cat"))[0][0, 0] == im_start
 
 
 def hf_chat(ref, prompt: str, enable_thinking: bool) -> str:
@@ -217,8 +243,8 @@ def test_load_layouts(folders, reference, layout):
         assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
-def test_zimage_features_match_transformers(encoder, reference, tokenizers):
-    tokenizer = tokenizers[0]
+def test_zimage_features_match_transformers(encoder, reference, tiny_tokenizers):
+    tokenizer = tiny_tokenizers[0]
     prompts = ["a photo of a cat", "a cinematic shot of a baby racoon wearing an intricate italian priest robe, 35mm"]
     features = encode_captions(encoder, tokenizer, prompts)
     # The reference: ZImagePipeline's tokenization (padding to 512) and its feature, hidden_states[-2], unpadded.
@@ -239,8 +265,8 @@ def test_zimage_features_match_transformers(encoder, reference, tokenizers):
         assert max_rel(alone, f) < 1e-6
 
 
-def test_klein_layers_match_transformers(encoder, reference, tokenizers):
-    tokenizer = tokenizers[0]
+def test_klein_layers_match_transformers(encoder, reference, tiny_tokenizers):
+    tokenizer = tiny_tokenizers[0]
     prompts = ["a photo of a cat", "", "\u4e00\u53ea\u72d7 and a much longer second prompt, with punctuation!"]
     ids, mask = tokenizer(tokenizer.chat(prompts, enable_thinking=False))  # padded to 512, as FLUX.2-klein does
     hidden = reference_hidden_states(reference, ids, mask)
@@ -257,10 +283,10 @@ def test_klein_layers_match_transformers(encoder, reference, tokenizers):
         encoder(ids, mask, [NUM_LAYERS])
 
 
-def test_bfloat16_matches_transformers(folders, tokenizers):
+def test_bfloat16_matches_transformers(folders, tiny_tokenizers):
     from transformers import Qwen3Model
 
-    tokenizer = tokenizers[0]
+    tokenizer = tiny_tokenizers[0]
     ids, mask = tokenizer(tokenizer.chat(["a photo of a cat", "two dogs"]), padding="longest")
     model = load_qwen3(folders["Qwen3ForCausalLM"], num_layers=NUM_LAYERS - 1, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
