@@ -220,13 +220,15 @@ def save_png(image, path: Path, settings: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import solvers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help=f"model or variant name: {', '.join(catalogue())}")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--weights", help="local folder laid out like the model's Hugging Face repo (default: download)")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the model's)")
     p.add_argument("--steps", type=int, help="number of solver steps (default: the model's)")
-    p.add_argument("--solver", help="euler, dpmpp_2m or unipc (default: the model's)")
+    p.add_argument("--solver", help=f"{', '.join(solvers.SOLVERS)} (default: the model's)")
     p.add_argument("--guidance", help="FLUX.1's distilled guidance scale, or 'off' to bypass the guidance embedder")
     p.add_argument(
         "--cfg",
