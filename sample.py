@@ -287,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_pipeline(module, variant: str, args, device, dtype):
+    """The model both CLIs run: from --weights or the variant's repo; with offloading everything loads to host memory
+    first and offload.py moves it to the device piece by piece."""
+    return module.load(
+        args.weights or variant,
+        variant=variant,
+        device="cpu" if args.offload else device,
+        dtype=dtype,
+        progress=not args.quiet,
+    )
+
+
 def run_cli(command, args) -> int:
     """Run a CLI command. What the user can cause or fix (bad input: ours, or a clear ValueError/FileNotFoundError
     from a model file; a full disk or a permission, OSError; Ctrl-C) ends in one line on stderr and a non-zero exit
@@ -387,14 +399,7 @@ def run(args) -> int:
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
-    # With offloading everything loads to host memory first; offload.py moves it to the device piece by piece.
-    pipe = module.load(
-        args.weights or variant,
-        variant=variant,
-        device="cpu" if args.offload else device,
-        dtype=dtype,
-        progress=not args.quiet,
-    )
+    pipe = load_pipeline(module, variant, args, device, dtype)
     if args.int8:
         import int8
 

@@ -465,13 +465,7 @@ def setup_model(args, module, variant: str, device: str, dtype):
     import lora
     import sample
 
-    pipe = module.load(
-        args.weights or variant,
-        variant=variant,
-        device="cpu" if args.offload else device,
-        dtype=dtype,
-        progress=not args.quiet,
-    )
+    pipe = sample.load_pipeline(module, variant, args, device, dtype)
     if args.int8:
         import int8
 

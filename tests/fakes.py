@@ -328,34 +328,39 @@ def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.
 # checked against diffusers' own converter in test_flux1.py)
 
 
-def flux_to_bfl(sd: dict) -> dict:
-    from flux1 import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_FUSED_SINGLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+def flux_to_bfl(sd: dict, names=None) -> dict:
+    """diffusers' FLUX.1 (or, with names=flux2_klein, FLUX.2) transformer state dict -> BFL names: the module's own
+    DIFFUSERS_* maps inverted, dimension-agnostic."""
+    import flux1
 
+    names = names or flux1
     out = {}
     for key, value in sd.items():
         module, param = key.rsplit(".", 1)
-        if param == "weight" and ("norm_q" in module or "norm_k" in module or "norm_added" in module):
+        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
             param = "scale"  # BFL's RMSNorm calls its weight "scale"
         if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
             scale, shift = value.chunk(2, dim=0)
             out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-        elif module in DIFFUSERS_TOP:
-            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
+        elif module in names.DIFFUSERS_TOP:
+            out[f"{names.DIFFUSERS_TOP[module]}.{param}"] = value
         elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
-            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
+            renames = names.DIFFUSERS_SINGLE if m[1] else names.DIFFUSERS_DOUBLE
             if m[3] in renames:
                 out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
         else:
             raise KeyError(key)
-    # Fused projections: BFL concatenates q, k, v (and, in single blocks, the MLP input) into one linear.
+    # Fused projections: BFL concatenates q, k, v (and, in FLUX.1's single blocks, the MLP input) into one linear.
     for prefix, block, groups in (
-        ("transformer_blocks", "double_blocks", DIFFUSERS_FUSED_DOUBLE),
-        ("single_transformer_blocks", "single_blocks", DIFFUSERS_FUSED_SINGLE),
+        ("transformer_blocks", "double_blocks", names.DIFFUSERS_FUSED_DOUBLE),
+        ("single_transformer_blocks", "single_blocks", getattr(names, "DIFFUSERS_FUSED_SINGLE", {})),
     ):
         for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith(prefix + ".")}):
             for target, sources in groups.items():
                 for param in ("weight", "bias"):
-                    out[f"{block}.{i}.{target}.{param}"] = torch.cat([sd[f"{prefix}.{i}.{s}.{param}"] for s in sources])
+                    parts = [sd.get(f"{prefix}.{i}.{s}.{param}") for s in sources]
+                    if parts[0] is not None:  # FLUX.2 has no biases
+                        out[f"{block}.{i}.{target}.{param}"] = torch.cat(parts)
     return out
 
 
@@ -876,29 +881,9 @@ FLUX2_QWEN3_LAYERS, FLUX2_QWEN3_HIDDEN = 28, 16
 def flux2_to_bfl(sd: dict) -> dict:
     """diffusers' Flux2Transformer2DModel state dict -> BFL names (inverse of diffusers'
     convert_flux2_transformer_checkpoint_to_diffusers; checked against it in test_flux2_klein.py)."""
-    from flux2_klein import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+    import flux2_klein
 
-    out = {}
-    for key, value in sd.items():
-        module, param = key.rsplit(".", 1)
-        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
-            param = "scale"  # BFL's RMSNorm calls its weight "scale"
-        if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
-            scale, shift = value.chunk(2, dim=0)
-            out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-        elif module in DIFFUSERS_TOP:
-            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
-        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
-            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
-            if m[3] in renames:
-                out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
-        else:
-            raise KeyError(key)
-    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
-        for target, sources in DIFFUSERS_FUSED_DOUBLE.items():
-            parts = [sd[f"transformer_blocks.{i}.{source}.weight"] for source in sources]
-            out[f"double_blocks.{i}.{target}.weight"] = torch.cat(parts)
-    return out
+    return flux_to_bfl(sd, flux2_klein)
 
 
 def tiny_flux2_transformer(seed: int = 0, std: float = 0.15, **overrides):
