@@ -31,9 +31,11 @@ class UsageError(Exception):
 
 def atomic_write(path: Path, write, intact: str = "nothing else was changed"):
     """write(tmp) then rename over `path`: a crash or a full disk never leaves a half-written file under the final
-    name, and the temporary file is removed on failure. `intact` says what survives, for the one-line error."""
+    name, and the temporary file is removed on failure. `intact` says what survives, for the one-line error. The
+    temporary name is the process's own, so processes writing the same file (train.py's ranks caching identical
+    images, two runs sharing a cache) never write into each other's."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
