@@ -325,12 +325,18 @@ def shard(world: Group, transformer, device: str):
     reduce-scattered, so its optimizer state is sharded too (AdamW works on the DTensor shards). Call after the LoRA
     and gradient checkpointing are in place (checkpointing recomputes inside the block, after FSDP2 gathered it), and
     collect the parameters for the optimizer afterwards: FSDP2 replaces them with sharded ones."""
+    import warnings
+
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     import offload
 
+    # FSDP2 warns when a sharded module returns a view (an in-place op on it would skip its backward hook). The
+    # transformers' outputs are views (a slice of the token sequence); every pipeline's velocity() uses them out of
+    # place (cast to float32, negated, unpatchified), and the --shard tests compare its gradients with one process's.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     _int8_weights_as_parameters(transformer)
     mesh = init_device_mesh(torch.device(device).type, (world.size,))
     for stack in offload.find_block_stacks(transformer).values():

@@ -502,9 +502,11 @@ def read_checkpoint(args, checkpoint_path: Path, processes: int = 1) -> dict | N
 
     changed = [k for k in RESUME_FIXED if k in saved and not same(k)]
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in changed)
-        if saved_processes != 1 or processes != 1:
-            was += f", with {saved_processes} processes (now {processes})"
+        per = lambda k, v, n: f"{v} x {n} processes" if k == "batch_size" and {saved_processes, processes} != {1} else v
+        was = ", ".join(
+            f"--{k.replace('_', '-')} {per(k, saved[k], saved_processes)} (now {per(k, getattr(args, k), processes)})"
+            for k in changed
+        )
         raise UsageError(f"--resume: {path} was made with {was}; these must stay the same to resume")
     if saved_processes != processes and saved.get("lora_dropout"):
         raise UsageError(

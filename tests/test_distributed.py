@@ -1,0 +1,258 @@
+"""train.py under torchrun on the CPU (gloo, 2 processes, one thread each): the same LoRA as one process with the same
+global batch (data parallel and --shard), exact resume, a shared caching pass, and failures that end every rank.
+
+The ranks are separate Python processes started like torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT), either
+by torchrun itself or by `launch` below, which can also install test hooks in them (count encoder calls, make one rank
+fail) and kill one of them."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from test_train import make_dataset
+
+import distributed
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # seconds for one multi-process run on this shared 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, size: int, port: int) -> dict:
+    return {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(size),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(size),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
+
+
+def start(argv: list, logs: Path, size: int = 2, **hooks) -> list[subprocess.Popen]:
+    """`size` processes running train.main(argv) as torchrun's workers would, each through `worker` (hooks applied),
+    stdout/stderr to logs/rank<r>.out/.err."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port, spec = free_port(), json.dumps({"argv": [str(a) for a in argv], "hooks": hooks, "logs": str(logs)})
+    procs = []
+    for rank in range(size):
+        out, err = open(logs / f"rank{rank}.out", "w"), open(logs / f"rank{rank}.err", "w")  # noqa: SIM115
+        env = rank_env(rank, size, port) | {"RF_TEST_SPEC": spec}
+        code = "import test_distributed; test_distributed.worker()"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=err, cwd=ROOT))
+    return procs
+
+
+def finish(procs, logs: Path, timeout: float = TIMEOUT) -> list[tuple[int, str, str]]:
+    deadline = time.time() + timeout
+    try:
+        codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [
+        (code, (logs / f"rank{r}.out").read_text(), (logs / f"rank{r}.err").read_text()) for r, code in enumerate(codes)
+    ]
+
+
+def launch(argv, logs: Path, size: int = 2, **hooks):
+    return finish(start(argv, logs, size, **hooks), logs)
+
+
+def worker():
+    """One rank: apply the test hooks, then run train.py's command line as `python train.py` would."""
+    spec = json.loads(os.environ["RF_TEST_SPEC"])
+    hooks, rank = spec["hooks"], int(os.environ["RANK"])
+    torch.set_num_threads(1)
+    if hooks.get("count_encoders"):
+        import atexit
+
+        import flux1
+
+        calls = {"encode": 0, "encode_prompt": 0}
+        for name in calls:
+            original = getattr(flux1.Flux1Pipeline, name)
+
+            def counting(self, *args, _name=name, _original=original, **kwargs):
+                calls[_name] += 1
+                return _original(self, *args, **kwargs)
+
+            setattr(flux1.Flux1Pipeline, name, counting)
+        atexit.register(lambda: (Path(spec["logs"]) / f"calls{rank}.json").write_text(json.dumps(calls)))
+    if "int8_min_features" in hooks:
+        import int8
+
+        original_quantize = int8.quantize
+        int8.quantize = lambda m: original_quantize(m, min_features=hooks["int8_min_features"])
+    if hooks.get("full_disk_on_rank") == rank:  # this rank's disk is full while it caches its share
+        import errno
+
+        def full(path, tensors):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        train.save_tensors = lambda path, tensors: train.atomic_write(path, lambda tmp: full(tmp, tensors))
+    sys.exit(train.main(spec["argv"]))
+
+
+def common(repo, data, out, *extra):
+    return [
+        "flux1" if "flux" in str(repo) else "zimage",
+        "--weights",
+        repo,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--resolution",
+        "64",
+        "--bucket-step",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def losses(out):
+    with open(out / "log.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def lora_close(a_path, b_path, median=1e-5, worst=1e-2):
+    """The issue's rule: a batch-2 forward and two batch-1 forwards differ by float rounding, which Adam's per-element
+    scaling amplifies in a few tensors; so the median tensor within `median`, every tensor within `worst`."""
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    rel = sorted(float((a[k] - b[k]).norm() / a[k].norm()) for k in a if a[k].norm() > 0)
+    assert rel and rel[len(rel) // 2] <= median and rel[-1] <= worst, (rel[len(rel) // 2], rel[-1])
+    return rel
+
+
+def make_data(folder: Path) -> Path:
+    """Five images in three buckets (so a bucket's last global batch is short) and one that is broken past its header
+    (its size reads fine; decoding fails while caching): sample 5, so rank 1's share."""
+    make_dataset(folder, 5)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "zz_broken.png")
+    data = (folder / "zz_broken.png").read_bytes()
+    (folder / "zz_broken.png").write_bytes(data[: len(data) // 2])
+    (folder / "zz_broken.txt").write_text("a broken picture")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_share_splits_every_global_batch_exactly():
+    for size in (2, 3, 4):
+        for n in range(1, 13):
+            parts = []
+            for rank in range(size):
+                group = object.__new__(distributed.Group)
+                group.rank, group.size = rank, size
+                parts.append(group.share(n))
+            covered = [i for part, weight in parts if weight > 0 for i in range(n)[part]]
+            assert covered == list(range(n))  # each sample once, in order
+            assert abs(sum(w for _, w in parts) - 1) < 1e-12
+            assert all(weight == len(range(n)[part]) / n or weight == 0 for part, weight in parts)
+            if n == 2 * size:  # a full batch of --batch-size 2: two each
+                assert all(len(range(n)[part]) == 2 for part, _ in parts)
+    assert distributed.current().share(4) is None  # one process: micro_step's own path
+
+
+@pytest.fixture(scope="module")
+def reference(flux1_repo, tmp_path_factory):
+    """One process, --batch-size 4 (= 2 processes x 2), grad-accum 2, caption dropout: 3 steps, checkpoint at 2.
+    Returns the folder, the repo, the data, the common arguments and the run's "data:" line."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_data(root / "data")
+    repo = flux1_repo[0]
+    extra = ["--steps", "3", "--grad-accum", "2", "--caption-dropout", "0.3", "--checkpoint-every", "2"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert train.main([str(a) for a in common(repo, data, root / "one", *extra, "--batch-size", "4")]) == 0
+    line = next(x for x in printed.getvalue().splitlines() if x.startswith("data:"))
+    return root, repo, data, extra, line.split(" (the rest")[0]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_lora(reference):
+    root, repo, data, extra, one_line = reference
+    two = root / "two"
+    results = launch(common(repo, data, two, *extra, "--batch-size", "2"), root / "logs-two", count_encoders=True)
+    assert [code for code, _, _ in results] == [0, 0], results
+    rel = lora_close(root / "one" / "lora-flux1.safetensors", two / "lora-flux1.safetensors")
+    print(f"data parallel vs one process: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
+    assert losses(two) == pytest.approx(losses(root / "one"), rel=1e-5)
+    # The broken file (in rank 1's share) is skipped and counted as one process counts it, and the totals of the
+    # caching pass are one process's: rank 0 prints the same line.
+    line = next(x for x in results[0][1].splitlines() if x.startswith("data:"))
+    assert line.split(" (the rest")[0] == one_line
+    assert "skipped {'unreadable image': 1}" in line and "encoded 5 latents and 4 prompts" in line, line
+    # Not repeated: each image and each distinct prompt went through an encoder once, on one of the ranks.
+    calls = [json.loads((root / "logs-two" / f"calls{r}.json").read_text()) for r in range(2)]
+    assert [c["encode"] for c in calls] == [3, 2]  # samples 0, 2, 4 and 1, 3 (5 is the broken one)
+    assert [c["encode_prompt"] for c in calls] == [2, 2]  # 3 distinct captions and the empty one
+    # Rank 1 is silent; rank 0 speaks as one process does.
+    assert results[1][1] == "" and results[1][2] == ""
+    assert "wrote" in results[0][1]
+
+
+@pytest.mark.slow
+def test_resume_under_two_processes_is_exact_and_any_n_with_the_same_global_batch(reference, capsys):
+    root, repo, data, extra, _ = reference
+    straight = root / "two"  # test_two_processes_train_the_one_process_lora's run: 3 steps, 2 processes
+    if not (straight / "lora-flux1.safetensors").is_file():
+        pytest.skip("runs after test_two_processes_train_the_one_process_lora, whose run it resumes against")
+    stopped = root / "stopped"
+    first = [*extra[:1], "2", *extra[2:]]  # --steps 2
+    assert [c for c, _, _ in launch(common(repo, data, stopped, *first, "--batch-size", "2"), root / "l1")] == [0, 0]
+    checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2 and checkpoint["position"]["step"] == 2
+    results = launch(common(repo, data, stopped, *extra, "--batch-size", "2", "--resume"), root / "l2")
+    assert [c for c, _, _ in results] == [0, 0], results
+    a, b = load_file(straight / "lora-flux1.safetensors"), load_file(stopped / "lora-flux1.safetensors")
+    worst = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a if a[k].norm() > 0)
+    print(f"resumed under 2 processes vs straight: worst tensor {worst:.1e}")
+    assert worst <= 1e-6
+    assert losses(stopped) == pytest.approx(losses(straight), rel=1e-6)
+    # One process with --batch-size 4 keeps the global micro-batch, so it resumes the 2-process checkpoint: it ends
+    # where one process running straight ends.
+    single = root / "single"
+    single.mkdir()
+    torch.save(checkpoint, single / "checkpoint.pt")
+    argv = common(repo, data, single, *extra, "--batch-size", "4", "--resume")
+    assert train.main([str(a) for a in argv]) == 0
+    lora_close(root / "one" / "lora-flux1.safetensors", single / "lora-flux1.safetensors")
+    # A different global micro-batch is refused before anything is loaded, naming both.
+    torch.save(checkpoint, single / "checkpoint.pt")
+    capsys.readouterr()
+    assert train.main([str(a) for a in common(repo, data, single, *extra, "--batch-size", "2", "--resume")]) == 2
+    assert "--batch-size 2 x 2 processes (now 2 x 1 processes)" in capsys.readouterr().err
