@@ -1054,6 +1054,12 @@ LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay fro
     "single_blocks.*.linear2",
 ]
 LORA_FORMAT = "kohya"  # lora_unet_<BFL name>: what kohya/ai-toolkit write for FLUX.1, loaded by ComfyUI and diffusers
+# What kohya's sd-scripts writes for FLUX.1 LoRAs (library/sai_model_spec.py, flux_utils.MODEL_VERSION_FLUX_V1).
+LORA_METADATA = {
+    "ss_base_model_version": "flux1",
+    "modelspec.architecture": "flux-1-dev/lora",
+    "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+}
 
 # diffusers' FluxTransformer2DModel names -> BFL names (diffusers' single-file converter, inverted). Projections that
 # BFL fuses are listed in order of their concatenation.
@@ -1096,47 +1102,41 @@ DIFFUSERS_FUSED_DOUBLE = {
 DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 
 
-def diffusers_names(params: FluxParams) -> list[str]:
-    """Every diffusers module path of a model with these params (to read OneTrainer/PEFT/kohya-diffusers LoRAs)."""
-    names = list(DIFFUSERS_TOP)
-    for i in range(params.depth):
-        parts = [*DIFFUSERS_DOUBLE, *sum(DIFFUSERS_FUSED_DOUBLE.values(), [])]
-        names += [f"transformer_blocks.{i}.{n}" for n in parts]
-    for i in range(params.depth_single_blocks):
-        parts = [*DIFFUSERS_SINGLE, *sum(DIFFUSERS_FUSED_SINGLE.values(), [])]
-        names += [f"single_transformer_blocks.{i}.{n}" for n in parts]
-    return names
+def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]]:
+    """diffusers' names of FLUX.1's layers, as PEFT, SimpleTuner, OneTrainer and DiffSynth files use them -> rows of
+    ours (lora.route): q, k, v (and the single blocks' MLP input) take their rows of BFL's fused linear, and the final
+    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale)."""
+    h, mlp, whole = params.hidden_size, int(params.hidden_size * params.mlp_ratio), slice(None)
+    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
+    final = DIFFUSERS_TOP["norm_out.linear"]
+    aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
+    blocks = [
+        (f"transformer_blocks.{i}", f"double_blocks.{i}", DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
+        for i in range(params.depth)
+    ]
+    blocks += [
+        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE)
+        for i in range(params.depth_single_blocks)
+    ]
+    for theirs, ours, renames, fused in blocks:
+        aliases |= {f"{theirs}.{name}": [(f"{ours}.{to}", whole, whole)] for name, to in renames.items()}
+        for to, parts in fused.items():
+            start = 0
+            for name, size in zip(parts, [h, h, h, mlp]):  # q, k, v (, mlp) in the order BFL concatenates them
+                aliases[f"{theirs}.{name}"] = [(f"{ours}.{to}", whole, slice(start, start + size))]
+                start += size
+    return aliases
 
 
-def lora_to_bfl(pairs: dict, params: FluxParams) -> dict:
-    """LoRA pairs named like diffusers' modules -> BFL names; q/k/v (and the single blocks' MLP input) are fused
-    exactly into one LoRA of the fused linear. Pairs already in BFL names pass through."""
-    out, fused = {}, {}
-    for name, pair in pairs.items():
-        if name in DIFFUSERS_TOP:
-            if name == "norm_out.linear":
-                raise ValueError("LoRAs on norm_out.linear (final adaLN) are not supported")
-            out[DIFFUSERS_TOP[name]] = pair
-        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", name):
-            single, i, rest = m[1], m[2], m[3]
-            renames, groups = (
-                (DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE) if single else (DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
-            )
-            block = f"{'single' if single else 'double'}_blocks.{i}"
-            if rest in renames:
-                out[f"{block}.{renames[rest]}"] = pair
-                continue
-            target = next((t for t, srcs in groups.items() if rest in srcs), None)
-            if target is None:
-                raise ValueError(f"LoRA module {name} has no FLUX.1 counterpart")
-            fused.setdefault(f"{block}.{target}", {})[groups[target].index(rest)] = pair
-        else:
-            out[name] = pair
-    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
-    for name, parts in fused.items():
-        sizes = [h, h, h, mlp] if name.endswith("linear1") else [h, h, h]
-        out[name] = lora.fuse([parts.get(i) for i in range(len(sizes))], sizes)
-    return out
+def clip_lora_aliases(clip: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """CLIP's layer names as transformers >= 5 writes them, without the "text_model." prefix that FLUX.1's checkpoint,
+    kohya's lora_te1_ keys and older diffusers files have (and our module keeps)."""
+    whole = slice(None)
+    return {
+        n.removeprefix("text_model."): [(n, whole, whole)]
+        for n, _ in clip.named_modules()
+        if n.startswith("text_model.")
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1412,13 +1412,13 @@ class Flux1Pipeline:
         out = self.transformer(patchify(x), image_ids(h // 2, w // 2, device), txt, txt_ids, sigma, vec, guidance)
         return unpatchify(out.float(), h, w)
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (kohya, diffusers/PEFT or ComfyUI keys) to the transformer at `scale`; returns the
-        layers it touched. Several files stack."""
-        params = self.transformer.params
-        names = [n for n, _ in self.transformer.named_modules()] + diffusers_names(params)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, lora_to_bfl(pairs, params), scale)
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (kohya, diffusers/PEFT, ComfyUI, LyCORIS keys; see lora.py) to the transformer and text
+        encoders at `scale`; returns the layers it changed. Several files stack. What cannot be applied is named in a
+        warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.clip, "text_encoder_2": self.t5}
+        aliases = {"transformer": lora_aliases(self.transformer.params), "text_encoder": clip_lora_aliases(self.clip)}
+        return lora.load(path, components, scale, aliases, strict)
 
     def training_kwargs(self) -> dict:
         """Extra velocity() arguments while training: FLUX.1-dev trains at guidance 1.0, Flex.1-alpha with the

@@ -9,11 +9,20 @@ File formats (what other tools load; each model file's LORA_FORMAT says which it
 - kohya / sd-scripts: `lora_unet_<module path with _>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha`
 - diffusers / PEFT: `transformer.<module path>.lora_A.weight`, `.lora_B.weight` (alpha folded or in metadata)
 - ComfyUI "original": `diffusion_model.<module path>.lora_A.weight`, `.lora_B.weight` (optional `.alpha`)
+`load` reads those, OneTrainer's and SimpleTuner's (`lora_transformer_`, `lycoris_`), the text encoders' keys (kohya's
+`lora_te1_`..., diffusers' `text_encoder.`), and besides LoRA what ComfyUI applies: DoRA magnitudes, LoKr, LoHa and
+full `.diff` / `.diff_b` changes. A model file gives the pipeline's parts and alias maps for names it does not have
+itself (another tool's names for fused or reordered layers); everything else happens here.
 """
 
 import fnmatch
+import json
 import math
 import os
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -132,44 +141,153 @@ def remove_lora(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files: save in the format other tools load, read any of the three families
+# Full weight changes (LoKr, LoHa, DoRA, `.diff` from other tools' files): merged into a float base weight, as ComfyUI
+# does, or added by a DeltaLinear on a base that cannot absorb them (INT8)
 
 
-def save(model: nn.Module, path, fmt: str, metadata: dict | None = None):
-    """Write the model's LoRAs as safetensors (float32), atomically. fmt "kohya": `lora_unet_<name with _>` with
-    lora_down/lora_up/alpha (FLUX.1's convention, read by ComfyUI and diffusers); "comfy": `diffusion_model.<name>`
-    lora_A/lora_B with alpha / rank folded into B (Z-Image's, read by ComfyUI and diffusers)."""
-    from safetensors.torch import save_file
+class DeltaLinear(nn.Module):
+    """base(x) + scale * x delta^T with delta (out, in) in float32: a full weight change on an INT8 base."""
 
-    state = {}
+    def __init__(self, base: nn.Module, delta: Tensor, scale: float):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("delta", delta.float())  # a buffer: frozen, and moves with the model
+        self.scale = scale
+
+    weight, bias = LoRALinear.weight, LoRALinear.bias
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        return out + (self.scale * F.linear(x.to(self.delta.dtype), self.delta)).to(out.dtype)
+
+
+def innermost(layer: nn.Module) -> nn.Module:
+    """The base layer under any LoRALinear / DeltaLinear wrappers."""
+    while isinstance(layer, LoRALinear | DeltaLinear):
+        layer = layer.base
+    return layer
+
+
+def dora(weight: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
+    """DoRA (Liu et al., arXiv 2402.09353) as a plain weight change: the changed weight W + delta with each row
+    (magnitude (out, 1): PEFT's and LyCORIS' default) or each column ((1, in): LyCORIS' wd_on_out=False) rescaled to
+    the learned length, minus W. Rows whose magnitude is NaN (a fused layer only part of which has one) keep theirs."""
+    changed = weight + delta
+    norm = changed.norm(dim=1 if magnitude.shape[1] == 1 else 0, keepdim=True)
+    return changed * torch.where(magnitude.isnan(), 1.0, magnitude / norm) - weight
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: save in the format other tools load, read what every tool writes
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save(model: nn.Module, path, fmt: str, metadata: dict | None = None, dtype: torch.dtype = torch.bfloat16):
+    """Write the model's LoRAs as safetensors, atomically, in `dtype` (bf16 by default, as kohya and ai-toolkit write
+    them; alphas stay float32), with the metadata keys other tools read (kohya's `ss_network_dim` / `ss_network_alpha`,
+    the SAI model spec's version and date) beside `metadata` (the model file's LORA_METADATA and the caller's own).
+    fmt "kohya": `lora_unet_<name with _>` with lora_down/lora_up/alpha (FLUX.1's convention, read by ComfyUI and
+    diffusers); "comfy": `diffusion_model.<name>` lora_A/lora_B with alpha / rank folded into B (Z-Image's)."""
+    from safetensors.torch import save as serialize
+
+    state, ranks, alphas = {}, set(), set()
     for name, m in lora_layers(model).items():
-        a, b = m.lora_A.detach().float().cpu().contiguous(), m.lora_B.detach().float().cpu().contiguous()
+        a, b = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
         if fmt == "kohya":
             key = "lora_unet_" + name.replace(".", "_")
             state |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(m.alpha)}
+            alphas.add(m.alpha)
         elif fmt == "comfy":
             state |= {
                 f"diffusion_model.{name}.lora_A.weight": a,
                 f"diffusion_model.{name}.lora_B.weight": b * (m.alpha / m.rank),
             }
+            alphas.add(float(m.rank))  # alpha / rank is folded into B: the file itself has alpha = rank
         else:
             raise ValueError(f"unknown LoRA format {fmt!r} (kohya or comfy)")
+        ranks.add(m.rank)
+    state = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in state.items()}
+    standard = {"modelspec.sai_model_spec": "1.0.1", "modelspec.date": datetime.now().isoformat(timespec="seconds")}
+    if len(ranks) == 1 and len(alphas) == 1:
+        standard |= {"ss_network_dim": ranks.pop(), "ss_network_alpha": alphas.pop()}
+    data = serialize(state, metadata={k: str(v) for k, v in {**standard, **(metadata or {})}.items()})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # open() honours the umask; safetensors' save_file would leave the file 0600
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
-UNDERSCORED = ("lora_unet_", "lora_transformer_")  # kohya / musubi, OneTrainer: module path with "." -> "_"
-DOWN = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight", ".lora_A")
-UP = (".lora_up.weight", ".lora_B.weight", ".lora_B.default.weight", ".lora.up.weight", ".lora_B")
+@dataclass
+class Patch:
+    """What a file changes in one layer, in float32 with alpha / rank folded in: the weight becomes
+    W + up @ down + diff (LoKr and LoHa arrive as a diff), the bias b + diff_b, and a DoRA magnitude, (out, 1) or
+    (1, in), then rescales each row or column of the changed weight. `keys`: the file's tensors it was read from."""
+
+    down: Tensor | None = None  # (rank, in)
+    up: Tensor | None = None  # (out, rank)
+    diff: Tensor | None = None  # the weight's (or any parameter's) shape
+    diff_b: Tensor | None = None  # (out,)
+    magnitude: Tensor | None = None
+    keys: list[str] = field(default_factory=list)
 
 
-def read(path, names: list[str]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
-    """A LoRA file of any family -> {module path: (A (rank, in), B (out, rank))} with its alpha / rank folded into B,
-    and the file's metadata. `names` are the dotted module paths the file may use (the model's own and any alias
-    names the model file knows), needed to undo kohya's "." -> "_"."""
+# Key prefixes -> the pipeline component they address (named like the diffusers repo's folders). Prefixes ending in
+# "_" are kohya-style: the module path follows with "." written as "_". sd-scripts writes lora_te1 for FLUX.1's CLIP-L
+# and lora_te3 for its T5, OneTrainer lora_te2 for T5; ComfyUI reads lora_te1/2/3 for T5 and lora_te1 for CLIP-L.
+PREFIXES = {
+    "lora_unet_": "transformer",
+    "lora_transformer_": "transformer",  # OneTrainer
+    "lycoris_": "transformer",  # SimpleTuner's LyCORIS files
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_2",
+    "text_encoders.clip_l.transformer.": "text_encoder",  # ComfyUI
+    "text_encoders.t5xxl.transformer.": "text_encoder_2",
+    "text_encoder.": "text_encoder",  # diffusers / PEFT
+    "text_encoder_2.": "text_encoder_2",
+    "base_model.model.": "transformer",
+    "model.diffusion_model.": "transformer",
+    "diffusion_model.": "transformer",
+    "transformer.": "transformer",
+    "unet.": "transformer",
+}
+
+# How the tensors of one layer are named -> what each is (kohya/LyCORIS, diffusers/PEFT and ComfyUI's other spellings,
+# the set ComfyUI's comfy/weight_adapter reads). Tried longest first.
+ROLES = {
+    **dict.fromkeys(
+        [".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".lora.down.weight", "_lora.down.weight"],
+        "down",
+    ),
+    **dict.fromkeys([".lora_linear_layer.down.weight", ".lora_A"], "down"),
+    **dict.fromkeys([".lora_up.weight", ".lora_B.weight", ".lora_B.default.weight", ".lora.up.weight"], "up"),
+    **dict.fromkeys(["_lora.up.weight", ".lora_linear_layer.up.weight", ".lora_B"], "up"),
+    ".alpha": "alpha",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
+    **dict.fromkeys([".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight"], "magnitude"),
+    ".lora_magnitude_vector.default.weight": "magnitude",
+    **{f".{n}": n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+    **{f".{n}": n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+}
+SUFFIXES = sorted(ROLES, key=len, reverse=True)
+
+
+def read(path, names: dict[str, list[str]]) -> tuple[dict[str, dict[str, Patch]], dict, list[str]]:
+    """A LoRA file of any family -> ({component: {name: Patch}}, the file's metadata, the keys of tensors that cannot
+    be used: an unknown prefix, component or tensor kind, or an incomplete layer). `names`: for each component, the
+    dotted names its keys may use (the model's own and any alias names), needed to undo kohya's "." -> "_"."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -180,84 +298,289 @@ def read(path, names: list[str]) -> tuple[dict[str, tuple[Tensor, Tensor]], dict
             state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors LoRA file: {e}") from None
-    dotted = {n.replace(".", "_"): n for n in names}
-    pairs, alphas = {}, {}
     for key, value in state.items():
-        stem, kind = _split(key)
-        if kind is None:
-            continue  # not a LoRA tensor (e.g. a DoRA scale or a text-encoder key): ignored, reported below
-        for prefix in PREFIXES:
-            stem = stem.removeprefix(prefix)
-        for prefix in UNDERSCORED:
-            if stem.startswith(prefix):
-                stem = dotted.get(stem[len(prefix) :], stem)
-        if kind == "alpha":
-            alphas[stem] = float(value)
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key} has NaN or infinite values; refusing to load this LoRA")
+    dotted = {c: {n.replace(".", "_"): n for n in ns} for c, ns in names.items()}
+    layers, unused = {}, []
+    for key, value in state.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        where = suffix and _locate(key[: -len(suffix)], dotted)
+        if not where:
+            unused.append(key)
+            continue
+        layers.setdefault(where, {})[ROLES[suffix]] = value.float()
+        layers[where].setdefault("keys", []).append(key)
+    patches = {}
+    for (component, name), tensors in layers.items():
+        alpha, rslora = _peft_alpha(metadata, component, name)
+        patch = _patch(tensors, tensors.get("alpha", alpha), rslora)
+        if patch is None:
+            unused += tensors["keys"]
         else:
-            pairs.setdefault(stem, {})[kind] = value.float()
-    out = {}
-    for stem, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: LoRA module {stem} has only {list(ab)}")
-        a, b = ab["A"], ab["B"]
-        out[stem] = (a, b * (alphas.get(stem, a.shape[0]) / a.shape[0]))
-    if not out:
-        raise ValueError(f"{path}: no LoRA weights found (expected kohya, diffusers/PEFT or ComfyUI keys)")
-    return out, metadata
+            patches.setdefault(component, {})[name] = patch
+    return patches, metadata, unused
 
 
-def _split(key: str) -> tuple[str, str | None]:
-    if key.endswith(".alpha"):
-        return key[: -len(".alpha")], "alpha"
-    for kind, suffixes in (("A", DOWN), ("B", UP)):
-        for suffix in suffixes:
-            if key.endswith(suffix):
-                return key[: -len(suffix)], kind
-    return key, None
+def _locate(stem: str, dotted: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+    """A key without its tensor suffix -> (component, dotted name), or None for a component the pipeline lacks."""
+    prefix = next((p for p in PREFIXES if stem.startswith(p)), "")
+    component, stem = PREFIXES.get(prefix, "transformer"), stem[len(prefix) :]  # no prefix: DiffSynth's bare names
+    if component == "transformer" and not prefix.endswith("_"):
+        for p in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."):
+            stem = stem.removeprefix(p)
+    if prefix.endswith("_"):  # kohya: find the name; ComfyUI also reads lora_te1 as T5 and lora_te2/3 as CLIP-L
+        others = [c for c in dotted if c != component and c.startswith("text_encoder") and component != "transformer"]
+        found = next(((c, dotted[c][stem]) for c in [component, *others] if stem in dotted.get(c, {})), None)
+        return found or ((component, stem) if component in dotted else None)
+    return (component, stem) if component in dotted else None
 
 
-def fuse(parts: list[tuple[Tensor, Tensor] | None], out_sizes: list[int]) -> tuple[Tensor, Tensor]:
-    """LoRAs of separate projections (q, k, v, ...) as one LoRA of their concatenation (a fused qkv linear):
-    A stacked, B block-diagonal; a missing part contributes zero rows. Exact, with rank = the sum of ranks."""
-    present = [p for p in parts if p is not None]
-    a = torch.cat([p[0] for p in present])
-    b = torch.zeros(sum(out_sizes), a.shape[0])
-    row, col = 0, 0
-    for part, size in zip(parts, out_sizes):
-        if part is not None:
-            r = part[0].shape[0]
-            b[row : row + size, col : col + r] = part[1]
-            col += r
-        row += size
-    return a, b
+def _peft_alpha(metadata: dict, component: str, name: str) -> tuple[float | None, bool]:
+    """The alpha a diffusers-saved file keeps in its `lora_adapter_metadata` (PEFT's LoraConfig, keys prefixed by the
+    component), with PEFT's `alpha_pattern` (matched as PEFT does: the pattern ends the module name) and rsLoRA."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        return None, False
+    config = {k.removeprefix(f"{component}."): v for k, v in config.items() if k.startswith(f"{component}.")}
+    pattern = next((p for p in config.get("alpha_pattern") or {} if re.fullmatch(rf"(.*\.)?({p})", name)), None)
+    alpha = config["alpha_pattern"][pattern] if pattern else config.get("lora_alpha")
+    return (None if alpha is None else float(alpha)), bool(config.get("use_rslora"))
 
 
-def split(pair: tuple[Tensor, Tensor], out_sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """A LoRA of a fused linear as LoRAs of its parts: the same A, B split by rows. Exact."""
-    a, b = pair
-    return [(a, part) for part in b.split(out_sizes)]
+def _patch(t: dict[str, Tensor], alpha: Tensor | float | None, rslora: bool = False) -> Patch | None:
+    """One layer's tensors -> its Patch, or None when they do not make a complete change. Scales as LyCORIS and
+    ComfyUI do: alpha / rank when the file has an alpha (or a low-rank factor for LoKr), else 1."""
+    alpha = None if alpha is None else float(alpha)
+
+    def scale(rank: int | None) -> float:
+        if alpha is None or rank is None:
+            return 1.0
+        return alpha / (math.sqrt(rank) if rslora else rank)
+
+    p = Patch(diff=t.get("diff"), diff_b=t.get("diff_b"), keys=t["keys"])
+    if "down" in t or "up" in t:
+        if "down" not in t or "up" not in t or t["down"].ndim != 2 or t["up"].ndim != 2:
+            return None  # half a LoRA, or a convolution's
+        p.down, p.up = t["down"], t["up"] * scale(t["down"].shape[0])
+    diffs = []
+    if any(k.startswith("lokr_") for k in t):  # LoKr: kron(w1, w2), each factor whole or as a low-rank product
+        w1 = t["lokr_w1"] if "lokr_w1" in t else _product(t, "lokr_w1_a", "lokr_w1_b")
+        w2 = t["lokr_w2"] if "lokr_w2" in t else _product(t, "lokr_w2_a", "lokr_w2_b")
+        if w1 is None or w2 is None:
+            return None
+        # The rank is the low-rank factor's (w2's if both are factored); with both factors whole the scale is 1.
+        rank = next((t[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in t), None)
+        diffs.append(torch.kron(w1, w2) * scale(rank))
+    if any(k.startswith("hada_") for k in t):  # LoHa: the Hadamard product of two low-rank products
+        w1, w2 = _product(t, "hada_w1_a", "hada_w1_b"), _product(t, "hada_w2_a", "hada_w2_b")
+        if w1 is None or w2 is None or w1.shape != w2.shape:
+            return None
+        diffs.append(w1 * w2 * scale(t["hada_w1_b"].shape[0]))
+    for d in diffs:
+        if p.diff is not None and p.diff.shape != d.shape:
+            return None
+        p.diff = d if p.diff is None else p.diff + d
+    if "magnitude" in t:
+        m = t["magnitude"]
+        p.magnitude = m.reshape(-1, 1) if m.ndim == 1 else m
+        if p.magnitude.ndim != 2 or 1 not in p.magnitude.shape:
+            return None
+    if p.up is None and p.diff is None and p.diff_b is None:
+        return None  # an alpha or a magnitude alone changes nothing
+    return p
 
 
-def apply(model: nn.Module, pairs: dict[str, tuple[Tensor, Tensor]], scale: float = 1.0) -> list[str]:
-    """Add the given LoRAs (alpha folded, so alpha = rank) on top of the model's linear layers, each at `scale`.
-    A layer that already has a LoRA gets another one stacked on top, so several files can be combined."""
-    modules = dict(model.named_modules())
-    unknown = [name for name in pairs if name not in modules and f"{name}.base" not in modules]
-    if unknown:
-        raise ValueError(f"LoRA modules not in this model: {unknown[:4]} ({len(unknown)} of {len(pairs)})")
-    for name, (a, b) in pairs.items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        base = getattr(owner, child)
-        if (base.out_features, base.in_features) != (b.shape[0], a.shape[1]):
-            raise ValueError(
-                f"LoRA for {name} has shape {tuple(b.shape)}x{tuple(a.shape)}, the layer is "
-                f"{base.out_features}x{base.in_features}"
-            )
-        layer = LoRALinear(base, rank=a.shape[0])
-        with torch.no_grad():
-            layer.lora_A.copy_(a), layer.lora_B.copy_(b)
-        layer.scale = scale
-        layer.requires_grad_(False)
-        setattr(owner, child, layer)
-    return list(pairs)
+def _product(t: dict[str, Tensor], a: str, b: str) -> Tensor | None:
+    if a not in t or b not in t or t[a].ndim != 2 or t[b].ndim != 2 or t[a].shape[1] != t[b].shape[0]:
+        return None
+    return t[a] @ t[b]
+
+
+ALL = slice(None)
+
+
+def route(patches: dict[str, Patch], aliases: dict, model: nn.Module) -> tuple[dict[str, Patch], list[str]]:
+    """Patches named as in the file -> patches of the model's own layers or parameters, and the keys of those that
+    cannot apply. `aliases`: {name: [(the model's layer, rows of the file's layer, rows of the model's), ...]} for
+    names the model does not have itself: a fused qkv takes q, k and v into its rows in turn, a reordered layer (BFL's
+    final modulation, diffusers' with its halves swapped) takes its rows in another order. The low-rank parts of one
+    file layer keep sharing its A, so a split or reordered LoRA keeps its rank and stays exact."""
+    parts, unusable = {}, []
+    for name, patch in patches.items():
+        routes = aliases.get(name) or ([(name, ALL, ALL)] if _find(model, name) is not None else [])
+        whole = all(src == ALL and dst == ALL for _, src, dst in routes)
+        fits = all(_accepts(_find(model, target), patch) for target, _, _ in routes)
+        by_columns = patch.magnitude is not None and patch.magnitude.shape[0] == 1
+        if not routes or not fits or (by_columns and not whole):  # a column norm spans all rows: no reordering it
+            unusable += patch.keys
+            continue
+        for target, src, dst in routes:
+            parts.setdefault(target, []).append((name, patch, src, dst))
+    return {target: _combine(model, target, p) for target, p in parts.items()}, unusable
+
+
+def _accepts(found: nn.Module | Tensor | None, p: Patch) -> bool:
+    """Linear layers take every kind of change; other modules (norms, embeddings) and parameters take diffs only."""
+    if found is None or hasattr(found, "in_features"):
+        return found is not None
+    has_bias = isinstance(found, nn.Module) and getattr(found, "bias", None) is not None
+    return p.up is None and p.magnitude is None and (p.diff_b is None or has_bias)
+
+
+def _combine(model: nn.Module, target: str, parts: list) -> Patch:
+    """Place the rows each file layer gives `target` into one Patch of `target`'s size."""
+    found = _find(model, target)
+    rows = found.out_features if hasattr(found, "out_features") else _param(found).shape[0]
+    out, lowrank = Patch(), {}
+    try:
+        for name, p, src, dst in parts:
+            out.keys += [k for k in p.keys if k not in out.keys]
+            if p.up is not None:
+                lowrank.setdefault(name, (p.down, p.up.new_zeros(rows, p.down.shape[0])))[1][dst] = p.up[src]
+            for kind in ("diff", "diff_b"):
+                if (value := getattr(p, kind)) is not None:
+                    if getattr(out, kind) is None:
+                        setattr(out, kind, value.new_zeros(rows, *value.shape[1:]))
+                    getattr(out, kind)[dst] += value[src]
+            if p.magnitude is not None and p.magnitude.shape[0] == 1:
+                out.magnitude = p.magnitude
+            elif p.magnitude is not None:
+                if out.magnitude is None:
+                    out.magnitude = p.magnitude.new_full((rows, 1), math.nan)
+                out.magnitude[dst] = p.magnitude[src]
+        if lowrank:
+            out.down = torch.cat([a for a, _ in lowrank.values()])
+            out.up = torch.cat([b for _, b in lowrank.values()], dim=1)
+    except RuntimeError as e:  # the rows do not fit: a LoRA for another model size
+        raise ValueError(f"LoRA for {name} does not fit {target} of this model: {e}") from None
+    return out
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | Tensor | None:
+    """The module or parameter called `name`, or None."""
+    for get in (model.get_submodule, model.get_parameter):
+        try:
+            return get(name)
+        except AttributeError:
+            pass
+    return None
+
+
+def _param(found: nn.Module | Tensor) -> Tensor:
+    """What a diff of a non-linear module changes: its weight, or its only parameter (BFL's RMSNorm `scale`)."""
+    if isinstance(found, Tensor):
+        return found
+    own = dict(found.named_parameters(recurse=False))
+    if "weight" in own or len(own) != 1:
+        return found.weight
+    return next(iter(own.values()))
+
+
+@torch.no_grad()
+def apply(model: nn.Module, patches: dict[str, Patch], scale: float = 1.0) -> list[str]:
+    """Apply patches named after the model's own layers or parameters, each at `scale`. A low-rank change becomes a
+    LoRALinear on top of the layer (several files stack, and lora.set_scale still changes it). A full weight change
+    (.diff, LoKr, LoHa, DoRA: W + scale (W_dora - W), ComfyUI's rule) or a bias change is merged into a float
+    weight, as ComfyUI does, or on an INT8 base added by a DeltaLinear; its scale is fixed once applied."""
+    for name, p in patches.items():
+        found = _find(model, name)
+        if not hasattr(found, "in_features"):  # a norm's scale, an embedding, ...: diffs only (see route)
+            _add(_param(found), p.diff, scale, f"{name}.diff")
+            if p.diff_b is not None:
+                _add(found.bias, p.diff_b, scale, f"{name}.diff_b")
+            continue
+        shape = (found.out_features, found.in_features)
+        if p.up is not None and (p.up.shape[0], p.down.shape[1]) != shape:
+            raise ValueError(f"LoRA for {name} is {p.up.shape[0]}x{p.down.shape[1]}, the layer {shape[0]}x{shape[1]}")
+        if p.magnitude is not None:  # DoRA renormalises the whole changed weight: one full change
+            base = innermost(found)
+            weight = base.dequantize() if hasattr(base, "dequantize") else base.weight.float()
+            delta = _fit(p.diff, shape, name) if p.diff is not None else torch.zeros(shape)
+            if p.up is not None:
+                delta = delta + p.up @ p.down
+            if p.magnitude.shape not in ((shape[0], 1), (1, shape[1])):
+                raise ValueError(f"DoRA magnitude for {name} has shape {tuple(p.magnitude.shape)}, the layer {shape}")
+            device = weight.device
+            _add_weight(model, name, dora(weight, delta.to(device), p.magnitude.to(device)), scale)
+        else:
+            if p.up is not None:
+                layer = LoRALinear(found, rank=p.down.shape[0])
+                layer.lora_A.copy_(p.down), layer.lora_B.copy_(p.up)
+                layer.scale = scale
+                _replace(model, name, layer.requires_grad_(False))
+            if p.diff is not None:
+                _add_weight(model, name, _fit(p.diff, shape, name), scale)
+        if p.diff_b is not None:
+            base = innermost(model.get_submodule(name))
+            if base.bias is None:  # a bias change on a layer without one (ComfyUI adds it too)
+                dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+                zeros = torch.zeros(shape[0], dtype=dtype, device=base.weight.device)
+                base.bias = nn.Parameter(zeros, requires_grad=False) if "bias" in base._parameters else zeros
+            _add(base.bias, p.diff_b, scale, f"{name}.diff_b")
+    return list(patches)
+
+
+def _fit(delta: Tensor, shape: tuple, name: str) -> Tensor:
+    if delta.shape != shape:
+        raise ValueError(f"full weight change for {name} has shape {tuple(delta.shape)}, the layer {shape}")
+    return delta
+
+
+def _add(param: Tensor, delta: Tensor | None, scale: float, name: str):
+    """param += scale * delta, out of place (the weights may be read-only memory-mapped file data)."""
+    if delta is None:
+        return
+    if delta.shape != param.shape:
+        raise ValueError(f"{name} has shape {tuple(delta.shape)}, the model's {tuple(param.shape)}")
+    param.data = param.data + (scale * delta).to(param)
+
+
+def _add_weight(model: nn.Module, name: str, delta: Tensor, scale: float):
+    layer = model.get_submodule(name)
+    base = innermost(layer)
+    if base.weight.is_floating_point():
+        _add(base.weight, delta, scale, name)
+    else:  # INT8: merging would requantise the weight; keep the change beside it
+        _replace(model, name, DeltaLinear(layer, delta.to(base.weight.device), scale))
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load(path, components: dict[str, nn.Module], scale: float = 1.0, aliases=None, strict: bool = False) -> list[str]:
+    """Read a LoRA file of any family and apply it at `scale` to the pipeline's parts, `components` ({"transformer":
+    ..., "text_encoder": ..., "text_encoder_2": ...}, named like the diffusers repo's folders). `aliases`: {component:
+    alias map} for names the model does not have itself (see route). Whatever in the file cannot be applied is named
+    in one warning line on stderr, or with `strict` raised as a ValueError. Returns the layers changed, as
+    "component.layer"."""
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRA scale must be a finite number, got {scale}")
+    path, aliases = Path(path), aliases or {}
+    names = {c: _names(m) + list(aliases.get(c, {})) for c, m in components.items()}
+    patches, _, unused = read(path, names)
+    total = len(unused) + sum(len(p.keys) for layers in patches.values() for p in layers.values())
+    routed = {}
+    for component, layers in patches.items():
+        routed[component], unusable = route(layers, aliases.get(component, {}), components[component])
+        unused += unusable
+    if unused:
+        examples = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+        message = (
+            f"{path.name}: {len(unused)} of {total} tensors not applied (not in this model, or a kind this loader "
+            f"does not apply): {examples}"
+        )
+        if strict or len(unused) == total:
+            raise ValueError(message)
+        print(f"warning: {message}", file=sys.stderr)
+    changed = []
+    for component, layers in routed.items():
+        changed += [f"{component}.{name}" for name in apply(components[component], layers, scale)]
+    return changed
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]

@@ -90,11 +90,21 @@ def parse_guidance(text: str | None):
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
-    path, _, scale = text.rpartition(":")
+    """FILE or FILE:SCALE -> (path, scale); a colon that is part of an existing file's name is kept."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or not path or Path(text).is_file():
+        path, scale = text, "1"
     try:
-        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+        value = float(scale)
     except ValueError:
-        return Path(text), 1.0  # a colon that is part of the path
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {text}: no such file") from None
+        raise UsageError(f"--lora {text}: the scale {scale!r} after the last ':' is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text}: the scale must be a finite number")
+    if not Path(path).is_file():
+        raise UsageError(f"--lora {path}: no such file")
+    return Path(path), value
 
 
 def check_image(path: str):
@@ -199,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="apply a LoRA (kohya, diffusers/PEFT or ComfyUI keys) at SCALE (default 1); repeatable",
+        help="apply a LoRA (kohya, diffusers/PEFT, ComfyUI or LyCORIS keys) at SCALE (default 1); repeatable",
     )
+    p.add_argument("--lora-strict", action="store_true", help="refuse a LoRA file with tensors that cannot be applied")
     p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
     p.add_argument(
         "--offload",
@@ -257,9 +268,6 @@ def run(args) -> int:
     if args.weights and not Path(args.weights).is_dir():
         raise UsageError(f"--weights {args.weights}: no such folder")
     loras = [parse_lora(text) for text in args.lora]
-    for path, _ in loras:
-        if not path.is_file():
-            raise UsageError(f"--lora {path}: no such file")
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
@@ -284,7 +292,7 @@ def run(args) -> int:
 
         int8.quantize(pipe.transformer)
     for path, scale in loras:  # after quantising: a LoRA stays float on top of the INT8 base
-        pipe.load_lora(path, scale)
+        pipe.load_lora(path, scale, strict=args.lora_strict)
     if args.offload:
         import offload
 

@@ -650,6 +650,9 @@ def export_lora(path: Path, transformer, module, variant: str, names: list[str],
     import lora
 
     metadata = {
+        **getattr(module, "LORA_METADATA", {}),  # what kohya's trainers write, read by other tools
+        "modelspec.title": path.stem,
+        "modelspec.resolution": f"{args.resolution[0]}x{args.resolution[0]}",
         "base_model": variant,
         "base_repo": module.VARIANTS[variant].repo,
         "rank": args.rank,
@@ -662,7 +665,7 @@ def export_lora(path: Path, transformer, module, variant: str, names: list[str],
         "resumed_with_changes": json.dumps(position.history),
     }
     try:
-        lora.save(transformer, path, module.LORA_FORMAT, metadata)
+        lora.save(transformer, path, module.LORA_FORMAT, metadata, dtype=lora.SAVE_DTYPES[args.save_dtype])
     except OSError as e:
         raise UsageError(
             f"could not write {path}: {e.strerror or e}; the checkpoint holds the trained LoRA, so free space and "
@@ -686,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-targets", nargs="+", help="fnmatch patterns of layers to train (default: the model's)")
+    p.add_argument(
+        "--save-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the exported LoRA file"
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")

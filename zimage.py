@@ -508,25 +508,26 @@ LORA_TARGETS = [  # attention and SwiGLU of every block (main layers and both re
 LORA_FORMAT = "comfy"  # diffusion_model.<official name>: ai-toolkit's convention, loaded by ComfyUI and diffusers
 
 
-def comfy_names(model: nn.Module) -> list[str]:
-    """ComfyUI's own names for Z-Image's attention: one fused `attention.qkv` and `attention.out`."""
-    blocks = [n.removesuffix(".attention") for n, _ in model.named_modules() if n.endswith(".attention")]
-    return [f"{b}.attention.{part}" for b in blocks for part in ("qkv", "out")]
+# What kohya's musubi-tuner writes for Z-Image LoRAs (its utils/sai_model_spec.py and architectures.py).
+LORA_METADATA = {
+    "ss_base_model_version": "z_image",
+    "modelspec.architecture": "Z-Image/lora",
+    "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
+}
 
 
-def lora_to_official(pairs: dict, params: ZImageParams) -> dict:
-    """LoRA pairs in ComfyUI's fused naming -> the official (diffusers) names: a fused qkv LoRA splits exactly into
-    three sharing A. Official names pass through."""
-    out = {}
-    for name, pair in pairs.items():
-        if name.endswith(".attention.qkv"):
-            for part, split_pair in zip(("to_q", "to_k", "to_v"), lora.split(pair, [params.dim] * 3)):
-                out[name.removesuffix("qkv") + part] = split_pair
-        elif name.endswith(".attention.out"):
-            out[name.removesuffix("out") + "to_out.0"] = pair
-        else:
-            out[name] = pair
-    return out
+def lora_aliases(model: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
+    """ComfyUI's own names for Z-Image's attention -> ours (lora.route): one fused `attention.qkv`, whose rows are q,
+    k and v in turn, and `attention.out`."""
+    dim, whole = model.params.dim, slice(None)
+    aliases = {}
+    for block in (n.removesuffix(".attention") for n, _ in model.named_modules() if n.endswith(".attention")):
+        qkv = [(f"{block}.attention.to_{c}", slice(i * dim, (i + 1) * dim), whole) for i, c in enumerate("qkv")]
+        aliases |= {
+            f"{block}.attention.qkv": qkv,
+            f"{block}.attention.out": [(f"{block}.attention.to_out.0", whole, whole)],
+        }
+    return aliases
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,12 +632,12 @@ class ZImagePipeline:
         # Z-Image's time is 1 - sigma and its output is x0 - noise: both flipped into the shared convention here.
         return -self.transformer(x, 1 - sigma, caps).float()
 
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi or diffusers/PEFT keys) to the transformer at
-        `scale`; returns the layers it touched. Several files stack."""
-        names = [n for n, _ in self.transformer.named_modules()] + comfy_names(self.transformer)
-        pairs, _ = lora.read(path, names)
-        return lora.apply(self.transformer, lora_to_official(pairs, self.transformer.params), scale)
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+        """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi, diffusers/PEFT, LyCORIS keys; see lora.py) to the
+        transformer and the text encoder at `scale`; returns the layers it changed. Several files stack. What cannot
+        be applied is named in a warning, or with `strict` raises a ValueError."""
+        components = {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        return lora.load(path, components, scale, {"transformer": lora_aliases(self.transformer)}, strict)
 
     def training_kwargs(self) -> dict:
         return {}

@@ -189,6 +189,33 @@ def test_lora_option(repo, tmp_path):
     assert not np.array_equal(np.asarray(plain), np.asarray(styled))
     assert styled.text["loras"] == "style.safetensors:0.8"
     one_line_error(cli(*common, "--lora", tmp_path / "missing.safetensors"), "--lora", "no such file")
+    # A bad scale is reported as that, not as a missing file; a tensor the model cannot take is named in a warning,
+    # and --lora-strict refuses the file.
+    one_line_error(cli(*common, "--lora", f"{tmp_path / 'style.safetensors'}:abc"), "the scale 'abc'")
+    from safetensors.torch import load_file, save_file
+
+    extra = load_file(tmp_path / "style.safetensors") | {"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    r = cli(*common, "--out", tmp_path / "extra", "--lora", tmp_path / "extra.safetensors")
+    assert r.returncode == 0 and "warning: extra.safetensors: 1 of" in r.stderr, r.stderr
+    one_line_error(cli(*common, "--lora", tmp_path / "extra.safetensors", "--lora-strict"), "lora_unet_no_such_layer")
+
+
+def test_lora_argument_parsing(tmp_path):
+    (tmp_path / "a.safetensors").touch()
+    (tmp_path / "odd:name.safetensors").touch()
+    assert sample.parse_lora(f"{tmp_path}/a.safetensors:0.5") == (tmp_path / "a.safetensors", 0.5)
+    assert sample.parse_lora(f"{tmp_path}/a.safetensors") == (tmp_path / "a.safetensors", 1.0)
+    assert sample.parse_lora(f"{tmp_path}/odd:name.safetensors") == (tmp_path / "odd:name.safetensors", 1.0)
+    for text, message in [
+        ("a.safetensors:abc", "the scale 'abc'"),
+        ("a.safetensors:nan", "finite"),
+        ("a.safetensors:-inf", "finite"),
+        ("missing.safetensors:0.5", "no such file"),
+        ("missing:abc", "no such file"),
+    ]:
+        with pytest.raises(sample.UsageError, match=message):
+            sample.parse_lora(f"{tmp_path}/{text}")
 
 
 def test_int8_option(repo, tmp_path, monkeypatch):

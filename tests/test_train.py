@@ -3,6 +3,7 @@
 import csv
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,12 +218,23 @@ def test_zimage_trains_on_base_and_its_lora_loads_in_diffusers(zimage_repo, tmp_
     root, refs = zimage_repo
     data = make_dataset(tmp_path / "data", 3)
     out = tmp_path / "out"
-    assert run("zimage", root, data, out, "--steps", "3", "--lr", "1e-2") == 0
+    umask = os.umask(0o022)
+    try:
+        assert run("zimage", root, data, out, "--steps", "3", "--lr", "1e-2") == 0
+    finally:
+        os.umask(umask)
     path = out / "lora-zimage.safetensors"
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        assert f.metadata()["base_model"] == "zimage-base"
+        metadata, dtypes = f.metadata(), {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert metadata["base_model"] == "zimage-base" and dtypes == {torch.bfloat16}  # bf16 by default
+    # The keys kohya's trainers write (musubi-tuner's values for Z-Image), and no local path of this machine.
+    assert metadata["ss_base_model_version"] == "z_image" and metadata["modelspec.architecture"] == "Z-Image/lora"
+    assert metadata["ss_network_dim"] == "4" and metadata["modelspec.title"] == "lora-zimage"
+    assert not [v for v in metadata.values() if str(tmp_path) in v or str(root) in v], metadata
+    assert json.loads(metadata["training"])["data"] == "data"
+    assert oct(path.stat().st_mode & 0o777) == "0o644"  # readable by others, as the umask says
     pipe = zimage.load(root, dtype=torch.float32)
     pipe.load_lora(path)
     import copy
@@ -265,12 +277,14 @@ def test_int8_base(flux_repo, tmp_path, monkeypatch):
     assert run("flux1", flux_repo, data, tmp_path / "out", "--steps", "4", "--int8", "--lr", "1e-3") == 0
     assert "double_blocks.0.img_attn.qkv" in quantized
     assert all(np.isfinite(losses(tmp_path / "out")))
-    assert load_file(tmp_path / "out" / "lora-flux1.safetensors")  # the LoRA itself stays float32
+    assert load_file(tmp_path / "out" / "lora-flux1.safetensors")  # the LoRA itself stays float
 
 
 def test_offload_trains_the_same_lora(flux_repo, tmp_path):
     data = make_dataset(tmp_path / "data", 3)
     common = [
+        "--save-dtype",
+        "fp32",  # compared at fp32 precision below
         "--steps",
         "3",
         "--lr",
@@ -291,6 +305,7 @@ def test_offload_trains_the_same_lora(flux_repo, tmp_path):
     a = load_file(tmp_path / "plain" / "lora-flux1.safetensors")
     b = load_file(tmp_path / "offload" / "lora-flux1.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.float32}
     assert (tmp_path / "offload" / "previews" / "step000003-00.png").is_file()
 
 
