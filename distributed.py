@@ -363,8 +363,9 @@ def _int8_weights_as_parameters(model):
     for layer in model.modules():
         if isinstance(layer, int8.Int8Linear):
             for name in ("weight", "weight_scale", "bias"):
-                tensor = layer._buffers.pop(name, None)
+                tensor = layer._buffers.get(name)
                 if tensor is not None:
+                    del layer._buffers[name]
                     layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
 
