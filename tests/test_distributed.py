@@ -292,16 +292,24 @@ def torchrun(argv, timeout=TIMEOUT) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_shard_under_torchrun_trains_the_one_process_lora(reference):
-    """--shard (FSDP2 per block) with gradient checkpointing, launched by torchrun itself."""
+def test_shard_under_torchrun_trains_and_resumes_the_one_process_lora(reference):
+    """--shard (FSDP2 per block) with gradient checkpointing, launched by torchrun itself: 2 steps, then resumed
+    (sharded again) to the reference's 3, with a preview at the end."""
     root, repo, data, extra, _ = reference
     out = root / "shard"
-    done = torchrun(common(repo, data, out, *extra, "--batch-size", "2", "--shard", "--gradient-checkpointing"))
+    first = [*extra[:1], "2", *extra[2:]]  # --steps 2
+    done = torchrun(common(repo, data, out, *first, "--batch-size", "2", "--shard", "--gradient-checkpointing"))
     assert done.returncode == 0, done.stderr[-3000:]
-    rel = lora_close(root / "one" / "lora-flux1.safetensors", out / "lora-flux1.safetensors")
-    print(f"--shard vs one process: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
-    assert losses(out) == pytest.approx(losses(root / "one"), rel=1e-5)
     assert done.stdout.count("wrote ") == 1  # rank 0 only
+    previews = ["--preview-every", "3", "--preview", "a red square", "--preview-steps", "1", "--preview-size", "32x32"]
+    argv = common(repo, data, out, *extra, "--batch-size", "2", "--shard", "--gradient-checkpointing", *previews)
+    done = torchrun([*argv, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 2" in done.stdout
+    rel = lora_close(root / "one" / "lora-flux1.safetensors", out / "lora-flux1.safetensors")
+    print(f"--shard, resumed at step 2, vs one process: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
+    assert losses(out) == pytest.approx(losses(root / "one"), rel=1e-5)
+    assert [p.name for p in (out / "previews").iterdir()] == ["step000003-00.png"]  # every rank renders, rank 0 writes
 
 
 @pytest.mark.slow
