@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,15 +211,20 @@ def test_share_splits_every_global_batch_exactly():
 
 @pytest.fixture(scope="module")
 def reference(flux1_repo, tmp_path_factory):
-    """One process, --batch-size 4 (= 2 processes x 2), grad-accum 2, caption dropout: 3 steps, checkpoint at 2.
-    Returns the folder, the repo, the data, the common arguments and the run's "data:" line."""
+    """One process, --batch-size 4 (= 2 processes x 2), grad-accum 2, caption dropout: 3 steps (2, then resumed: one
+    process resumes exactly, see test_train; its step-2 checkpoint is kept as one-step2.pt). Returns the folder, the
+    repo, the data, the common arguments and the run's "data:" line."""
     root = tmp_path_factory.mktemp("ddp")
     data = make_data(root / "data")
     repo = flux1_repo[0]
     extra = ["--steps", "3", "--grad-accum", "2", "--caption-dropout", "0.3", "--checkpoint-every", "2"]
+    first = [*extra[:1], "2", *extra[2:]]  # --steps 2
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert train.main([str(a) for a in common(repo, data, root / "one", *extra, "--batch-size", "4")]) == 0
+        assert train.main([str(a) for a in common(repo, data, root / "one", *first, "--batch-size", "4")]) == 0
+        shutil.copy(root / "one" / "checkpoint.pt", root / "one-step2.pt")
+        argv = common(repo, data, root / "one", *extra, "--batch-size", "4", "--resume")
+        assert train.main([str(a) for a in argv]) == 0
     line = next(x for x in printed.getvalue().splitlines() if x.startswith("data:"))
     return root, repo, data, extra, line.split(" (the rest")[0]
 
@@ -247,17 +253,17 @@ def test_two_processes_train_the_one_process_lora(reference):
 
 
 @pytest.mark.slow
-def test_resume_under_two_processes_is_exact_and_any_n_with_the_same_global_batch(reference, capsys):
+def test_resume_under_two_processes_is_exact(reference, capsys):
+    """With --lora-dropout too: each rank's own RNG state is in the checkpoint."""
     root, repo, data, extra, _ = reference
-    straight = root / "two"  # test_two_processes_train_the_one_process_lora's run: 3 steps, 2 processes
-    if not (straight / "lora-flux1.safetensors").is_file():
-        pytest.skip("runs after test_two_processes_train_the_one_process_lora, whose run it resumes against")
-    stopped = root / "stopped"
+    extra = [*extra, "--lora-dropout", "0.2", "--batch-size", "2"]
     first = [*extra[:1], "2", *extra[2:]]  # --steps 2
-    assert [c for c, _, _ in launch(common(repo, data, stopped, *first, "--batch-size", "2"), root / "l1")] == [0, 0]
+    straight, stopped = root / "dropout-straight", root / "dropout-stopped"
+    assert [c for c, _, _ in launch(common(repo, data, straight, *extra), root / "l0")] == [0, 0]
+    assert [c for c, _, _ in launch(common(repo, data, stopped, *first), root / "l1")] == [0, 0]
     checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2 and checkpoint["position"]["step"] == 2
-    results = launch(common(repo, data, stopped, *extra, "--batch-size", "2", "--resume"), root / "l2")
+    results = launch(common(repo, data, stopped, *extra, "--resume"), root / "l2")
     assert [c for c, _, _ in results] == [0, 0], results
     a, b = load_file(straight / "lora-flux1.safetensors"), load_file(stopped / "lora-flux1.safetensors")
     worst = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a if a[k].norm() > 0)
@@ -265,21 +271,29 @@ def test_resume_under_two_processes_is_exact_and_any_n_with_the_same_global_batc
         print(f"resumed under 2 processes vs straight: worst tensor {worst:.1e}")
     assert worst <= 1e-6
     assert losses(stopped) == pytest.approx(losses(straight), rel=1e-6)
-    # One process with --batch-size 4 keeps the global micro-batch, so it resumes the 2-process checkpoint: it ends
-    # where one process running straight ends.
-    single = root / "single"
-    single.mkdir()
-    torch.save(checkpoint, single / "checkpoint.pt")
-    argv = common(repo, data, single, *extra, "--batch-size", "4", "--resume")
-    assert train.main([str(a) for a in argv]) == 0
-    rel = lora_close(root / "one" / "lora-flux1.safetensors", single / "lora-flux1.safetensors")
-    with capsys.disabled():
-        print(f"2-process checkpoint resumed by 1 process: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
-    # A different global micro-batch is refused before anything is loaded, naming both.
-    torch.save(checkpoint, single / "checkpoint.pt")
+    # --lora-dropout masks are drawn per process: with another number of processes, refused.
     capsys.readouterr()
-    assert train.main([str(a) for a in common(repo, data, single, *extra, "--batch-size", "2", "--resume")]) == 2
-    assert "--batch-size 2 x 2 processes (now 2 x 1 processes)" in capsys.readouterr().err
+    argv = common(repo, data, stopped, *extra[:-1], "4", "--resume")  # --batch-size 4, one process
+    assert train.main([str(a) for a in argv]) == 2
+    assert "resumes exactly only with 2 processes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes_and_the_same_global_batch(reference, capsys):
+    """One process's checkpoint (--batch-size 4) resumed by 2 processes x 2: it ends where one process ends."""
+    root, repo, data, extra, _ = reference
+    out = root / "one-then-two"
+    out.mkdir()
+    shutil.copy(root / "one-step2.pt", out / "checkpoint.pt")
+    results = launch(common(repo, data, out, *extra, "--batch-size", "2", "--resume"), root / "l3")
+    assert [c for c, _, _ in results] == [0, 0], results
+    rel = lora_close(root / "one" / "lora-flux1.safetensors", out / "lora-flux1.safetensors")
+    with capsys.disabled():
+        print(f"1-process checkpoint resumed by 2: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
+    # A different global micro-batch is refused before anything is loaded, naming both.
+    shutil.copy(root / "one-step2.pt", out / "checkpoint.pt")
+    assert train.main([str(a) for a in common(repo, data, out, *extra, "--batch-size", "2", "--resume")]) == 2
+    assert "--batch-size 4 (now 2)" in capsys.readouterr().err
 
 
 def torchrun(argv, timeout=TIMEOUT) -> subprocess.CompletedProcess:
