@@ -3,14 +3,14 @@
     torchrun --nproc-per-node 8 train.py flux1 --data photos/ --output out/lora --batch-size 2          # data parallel
     torchrun --nproc-per-node 8 train.py wan22 --data clips/ --output out/lora --shard                  # FSDP2
 
-One process per GPU, rank r of N; `python train.py` (or torchrun with one process) is the single-process path and
-never touches this module beyond `current()`, a World of size 1 whose methods do nothing. Nothing here knows a model
-family: it sees the transformer's block stacks, LoRA parameters and an optimizer.
+One process per GPU, rank r of N. `python train.py` (or torchrun with one process) is the single-process path: its
+`current()` is a World of size 1 whose methods do nothing (or return their argument). Nothing here knows a model
+family: it sees the transformer's block stacks, its LoRA parameters and an optimizer.
 
 The rules (train.py applies them; the reasons are in the functions below):
 - Data: one global order, the one a single process with --batch-size N x B would use; every rank draws sigma, noise
   and caption dropout for the whole global micro-batch from the shared seeded generator and trains on its slice
-  (`share`), with a loss weight that makes the summed gradient the big batch's mean exactly.
+  (`share`), with a loss weight that makes the summed gradient the big batch's mean (up to float rounding).
 - Gradients: plain data parallel sums the LoRA gradients with one all-reduce per optimizer step (`sync_gradients`);
   `--shard` (FSDP2 `fully_shard` per transformer block, `shard`) reduce-scatters them itself, summed too.
 - Checkpoints: one file, the single-process format, written by rank 0 (`full` gathers sharded tensors), plus every
@@ -39,8 +39,9 @@ def launched() -> bool:
 
 
 class RaisedEverywhere(Exception):
-    """Marks an error every rank raises at the same point (agreed, or computed from all-reduced values): rank 0
-    prints it, the others stay quiet."""
+    """Rank 0's own failure, which every rank now knows of (Group.agree): launch raises the original on rank 0, printed
+    as one process prints it. (train.py's errors decided from all-reduced values, which every rank raises at the same
+    step, say so with a `raised_on_every_rank` class attribute instead.)"""
 
 
 class Stopped(Exception):
@@ -120,7 +121,7 @@ class Group(World):
         the result is exactly the gradient of the mean over all n samples (what one process computes; every sample
         of a batch has the bucket's shape, so the mean over samples is the mean over elements). A rank left with no
         sample (n < N) runs the batch's first sample with weight 0: FSDP2 needs every rank in every forward, and it
-        costs no time, the other ranks being busy with theirs."""
+        costs no wall time, the other ranks being busy with theirs."""
         lo, hi = self.rank * n // self.size, (self.rank + 1) * n // self.size
         return (slice(lo, hi), (hi - lo) / n) if hi > lo else (slice(0, 1), 0.0)
 
