@@ -378,9 +378,8 @@ def copy_into(param, full):
     with torch.no_grad():
         if isinstance(param, DTensor):
             # every rank read the same file: each keeps its own shard of it, no communication
-            param.copy_(
-                distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-            )
+            full = full.to(param.device, param.dtype)
+            param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
         else:
             param.copy_(full)
 
@@ -404,7 +403,7 @@ def sharded_optimizer_state(state: dict, optimizer) -> dict:
     for i, s in state["state"].items():
         p = params[i]
         out[i] = {
-            k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
             if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape
             else v
             for k, v in s.items()

@@ -3,6 +3,7 @@
     python train.py flux1 --data photos/ --output out/my-lora --steps 1000 --rank 16 --resolution 512 768
     python train.py zimage --data photos/ --output out/zimage-lora      # trains on Z-Image base (see --allow-distilled)
     python train.py flux1 --data photos/ --output out/my-lora --resume  # continue exactly where it stopped
+    torchrun --nproc-per-node 8 train.py flux1 --data photos/ --output out/my-lora  # 8 GPUs (see distributed.py)
 
 Data: a folder of images with same-name .txt captions (cat.jpg + cat.txt), or a metadata.jsonl / metadata.csv of
 file names and captions. Images are bucketed by aspect ratio (and by resolution when several are given), never
@@ -502,9 +503,13 @@ def read_checkpoint(args, checkpoint_path: Path, processes: int = 1) -> dict | N
 
     changed = [k for k in RESUME_FIXED if k in saved and not same(k)]
     if changed:
-        per = lambda k, v, n: f"{v} x {n} processes" if k == "batch_size" and {saved_processes, processes} != {1} else v
+
+        def shown(k, value, n):  # a batch size with its number of processes, when either run had several
+            return f"{value} x {n} processes" if k == "batch_size" and {saved_processes, processes} != {1} else value
+
         was = ", ".join(
-            f"--{k.replace('_', '-')} {per(k, saved[k], saved_processes)} (now {per(k, getattr(args, k), processes)})"
+            f"--{k.replace('_', '-')} {shown(k, saved[k], saved_processes)} "
+            f"(now {shown(k, getattr(args, k), processes)})"
             for k in changed
         )
         raise UsageError(f"--resume: {path} was made with {was}; these must stay the same to resume")
