@@ -109,10 +109,11 @@ def rank_main(steps: int, out: Path):
         times.append(time.perf_counter() - t)
     result["allreduce_flux1"] = statistics.median(times[1:])
     (out / f"rank{world.rank}.json").write_text(json.dumps(result))
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def two_processes(steps: int, folder: Path) -> dict:
+def two_processes(steps: int, folder: Path, tries: int = 2) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -125,7 +126,10 @@ def two_processes(steps: int, folder: Path) -> dict:
         )
         for r in range(2)
     ]
-    if any(p.wait() for p in procs):
+    if any([p.wait() for p in procs]):
+        if tries > 1:  # once, this shared VM's other work took the port between the probe and the bind
+            print("a worker failed; once more", file=sys.stderr)
+            return two_processes(steps, folder, tries - 1)
         sys.exit("a worker failed")
     results = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     return results[0] | {"util": min(r["util"] for r in results)}
