@@ -126,12 +126,18 @@ def two_processes(steps: int, folder: Path, tries: int = 2) -> dict:
         )
         for r in range(2)
     ]
-    if any([p.wait() for p in procs]):
-        if tries > 1:  # once, this shared VM's other work took the port between the probe and the bind
+    codes = [p.wait() for p in procs]
+    files = [folder / f"rank{r}.json" for r in range(2)]
+    if any(codes) and all(f.is_file() for f in files):
+        # Seen here about once in five runs: gloo aborts one process in its teardown after the 224 MB all-reduce
+        # ("terminate called without an active exception"), once its results are written. They stand.
+        print(f"a worker exited with {codes} after writing its results (gloo teardown); results kept", file=sys.stderr)
+    elif any(codes):
+        if tries > 1:
             print("a worker failed; once more", file=sys.stderr)
             return two_processes(steps, folder, tries - 1)
         sys.exit("a worker failed")
-    results = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+    results = [json.loads(f.read_text()) for f in files]
     return results[0] | {"util": min(r["util"] for r in results)}
 
 
