@@ -1039,6 +1039,207 @@ def load_ae(root, device="cpu", dtype=torch.float32) -> AutoEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# FLUX.1 Redux: image prompts. A SigLIP so400m vision tower (google/siglip-so400m-patch14-384; the Redux repo's
+# `image_encoder/`, transformers' SiglipVisionModel key names) turns each image into 27 x 27 = 729 feature tokens, and
+# the Redux projection (`flux1-redux-dev.safetensors`) maps them to T5's width; the transformer reads them as extra
+# text tokens after the T5 tokens (BFL's flux/sampling.py `prepare_redux`).
+
+REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"  # gated, like FLUX.1-dev
+REDUX_FILE = "flux1-redux-dev.safetensors"  # BFL's format; the repo's diffusers `image_embedder/` has the same keys
+REDUX_FILES = [REDUX_FILE, "image_encoder/*", "feature_extractor/*"]
+
+
+@dataclass
+class SiglipVisionConfig:
+    """Defaults are SigLIP so400m/14 at 384 px, as in the Redux repo's `image_encoder/config.json`."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "SiglipVisionConfig":
+        return config_from_dict(cls, config.get("vision_config", config))  # a full SiglipModel config works too
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-LayerNorm ViT block."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Module()  # fc1, GELU (tanh approximation: transformers' "gelu_pytorch_tanh"), fc2
+        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
+        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class SiglipVisionModel(nn.Module):
+    """pixel_values (B, 3, S, S), normalised -> last hidden state (B, (S / patch)^2, hidden), after the final LayerNorm.
+    SigLIP's attention-pooling head is not built: Redux reads the token features, not the pooled embedding."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        if config.hidden_act != "gelu_pytorch_tanh":
+            raise ValueError(f"SigLIP hidden_act {config.hidden_act!r} is not supported (expected gelu_pytorch_tanh)")
+        self.config = c = config
+        self.vision_model = vm = nn.Module()  # module names reproduce the checkpoint keys (vision_model.encoder...)
+        vm.embeddings = nn.Module()
+        vm.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        vm.embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
+        vm.encoder = nn.Module()
+        vm.encoder.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+        vm.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        vm = self.vision_model
+        weight = vm.embeddings.patch_embedding.weight
+        x = vm.embeddings.patch_embedding(pixel_values.to(weight)).flatten(2).transpose(1, 2)  # row-major patches
+        if x.shape[1] != vm.embeddings.position_embedding.num_embeddings:
+            raise ValueError(f"SigLIP expects {self.config.image_size}px inputs, got {tuple(pixel_values.shape[-2:])}")
+        x = x + vm.embeddings.position_embedding.weight
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return vm.post_layernorm(x)
+
+
+@dataclass
+class SiglipPreprocess:
+    """transformers' SiglipImageProcessor settings; defaults are the Redux repo's `feature_extractor/`."""
+
+    size: tuple[int, int] = (384, 384)  # (height, width)
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path) -> "SiglipPreprocess":
+        c = json.loads(Path(path).read_text())
+        size = c.get("size", {"height": 384, "width": 384})
+        if c.get("do_center_crop") or not c.get("do_resize", True) or not {"height", "width"} <= size.keys():
+            raise ValueError(f"{path}: only a plain resize to a fixed height x width is supported")
+        return cls(
+            size=(size["height"], size["width"]),
+            resample=c.get("resample", cls.resample),
+            rescale_factor=c.get("rescale_factor", cls.rescale_factor) if c.get("do_rescale", True) else 1.0,
+            image_mean=tuple(c.get("image_mean", cls.image_mean)) if c.get("do_normalize", True) else (0.0,) * 3,
+            image_std=tuple(c.get("image_std", cls.image_std)) if c.get("do_normalize", True) else (1.0,) * 3,
+        )
+
+    def __call__(self, images: list) -> Tensor:
+        """PIL images -> (B, 3, H, W) float32, as the processor does it: any transparency composited onto white,
+        RGB, one resize of the whole image to H x W (no crop: the aspect ratio is not kept), then x * rescale_factor
+        (computed in float64) and (x - mean) / std."""
+        out = []
+        for image in images:
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA"))
+            image = image.convert("RGB").resize(self.size[::-1], resample=self.resample)
+            x = (torch.from_numpy(np.asarray(image, dtype=np.float64)) * self.rescale_factor).float()
+            mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
+            out.append(((x - mean) / std).permute(2, 0, 1))
+        return torch.stack(out)
+
+
+class ReduxImageEncoder(nn.Module):
+    """BFL's Redux projection (flux/modules/image_embedders.py): SigLIP features -> 3x-wide Linear, SiLU, Linear to
+    the T5 width. diffusers' ReduxImageEncoder has the same names and activation."""
+
+    def __init__(self, redux_dim: int = 1152, txt_in_features: int = 4096):
+        super().__init__()
+        self.redux_up = nn.Linear(redux_dim, txt_in_features * 3)
+        self.redux_down = nn.Linear(txt_in_features * 3, txt_in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.redux_down(F.silu(self.redux_up(x)))
+
+
+class Redux(nn.Module):
+    """Images -> Redux tokens (len(images), 729, 4096): preprocessing, SigLIP, projection."""
+
+    def __init__(self, siglip: SiglipVisionModel, embedder: ReduxImageEncoder, preprocess: SiglipPreprocess, source):
+        super().__init__()
+        self.siglip, self.embedder, self.preprocess, self.source = siglip, embedder, preprocess, source
+
+    @torch.no_grad()
+    def forward(self, images) -> Tensor:
+        pixels = self.preprocess([read_image(image, "image prompt") for image in image_list(images)])
+        return self.embedder(self.siglip(pixels.to(self.embedder.redux_up.weight.device)))
+
+
+def image_list(images) -> list:
+    """One image (a path or a PIL image) or several -> a list."""
+    return [images] if isinstance(images, str | Path | Image.Image) else list(images)
+
+
+def load_siglip(folder, device="cpu", dtype=torch.float32) -> SiglipVisionModel:
+    """SigLIP vision tower from a transformers folder (the Redux repo's `image_encoder/`)."""
+    config = SiglipVisionConfig.from_dict(read_config(folder))
+    with torch.device("meta"):
+        model = SiglipVisionModel(config)
+    state_dict = read_weights(folder)
+    # transformers >= 5 saves SiglipVisionModel without the "vision_model." prefix that the Redux repo's file has.
+    if not any(k.startswith("vision_model.") for k in state_dict):
+        state_dict = {f"vision_model.{k}": v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("vision_model.head.")}  # pooling head
+    state_dict.pop("vision_model.embeddings.position_ids", None)  # a buffer older transformers saved
+    return load_into(model, state_dict, folder).to(device, dtype).eval().requires_grad_(False)
+
+
+def load_redux(name_or_path=REDUX_REPO, device="cpu", dtype=torch.bfloat16) -> Redux:
+    """FLUX.1 Redux from a folder laid out like black-forest-labs/FLUX.1-Redux-dev (`flux1-redux-dev.safetensors` or
+    diffusers' `image_embedder/`, `image_encoder/`, optionally `feature_extractor/`), or that repo (downloaded)."""
+    root = Path(str(name_or_path)).expanduser()
+    if not root.is_dir():
+        if str(name_or_path) != REDUX_REPO:
+            raise FileNotFoundError(f"FLUX.1 Redux folder {root} does not exist")
+        root = download(REDUX_REPO, REDUX_FILES, gated=True, local="--redux DIR")
+    embedder_path = root / REDUX_FILE if (root / REDUX_FILE).is_file() else root / "image_embedder"
+    if not embedder_path.exists() or not (root / "image_encoder").is_dir():
+        raise FileNotFoundError(f"{root}: expected FLUX.1 Redux weights ({REDUX_FILE} and image_encoder/)")
+    sd = read_weights(embedder_path)
+    if "redux_up.weight" not in sd:
+        raise ValueError(f"{embedder_path}: not a FLUX.1 Redux projection (no redux_up.weight)")
+    with torch.device("meta"):
+        embedder = ReduxImageEncoder(sd["redux_up.weight"].shape[1], sd["redux_down.weight"].shape[0])
+    embedder = load_into(embedder, sd, embedder_path).to(device, dtype).eval().requires_grad_(False)
+    siglip = load_siglip(root / "image_encoder", device, dtype)
+    preprocess_file = root / "feature_extractor" / "preprocessor_config.json"
+    preprocess = SiglipPreprocess.from_file(preprocess_file) if preprocess_file.is_file() else SiglipPreprocess()
+    if preprocess.size != (siglip.config.image_size,) * 2:
+        size = siglip.config.image_size
+        raise ValueError(f"{root}: feature_extractor size {preprocess.size} does not fit SigLIP's {size}px input")
+    return Redux(siglip, embedder, preprocess, str(name_or_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # LoRA: which layers train by default, the file format written, and the diffusers names LoRAs from the wild may use
 
 LORA_TARGETS = [  # attention and MLP of every block; modulation layers stay frozen
@@ -1160,16 +1361,16 @@ def locate(name_or_path, variant: str | None, variants: dict, family: str, detec
     raise ValueError(f"unknown {family} variant {name_or_path!r}; choose one of {', '.join(variants)} or a folder")
 
 
-def download(repo: str, patterns: list[str], gated: bool) -> Path:
+def download(repo: str, patterns: list[str], gated: bool, local: str = "--weights DIR") -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # network, auth and gating errors all end here with one actionable line
-        raise FileNotFoundError(download_failure(repo, e, gated)) from None
+        raise FileNotFoundError(download_failure(repo, e, gated, local)) from None
 
 
-def download_failure(repo: str, error: Exception, gated: bool) -> str:
+def download_failure(repo: str, error: Exception, gated: bool, local: str = "--weights DIR") -> str:
     """One line: that the download failed, why (as far as the Hub's exception tells), then what to do."""
     name = type(error).__name__
     status = getattr(getattr(error, "response", None), "status_code", None)
@@ -1186,8 +1387,7 @@ def download_failure(repo: str, error: Exception, gated: bool) -> str:
         why = f"{name}: {str(error).splitlines()[0] if str(error) else 'no details'}"
         fix = f"{licence} and {login}" if gated else "try again"
     return (
-        f"could not download {repo} ({why}). To fix: {fix}; or pass a local copy laid out like the repo with "
-        "--weights DIR."
+        f"could not download {repo} ({why}). To fix: {fix}; or pass a local copy laid out like the repo with {local}."
     )
 
 
@@ -1284,16 +1484,21 @@ def to_pil(pixels: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+def read_image(image, what: str = "image") -> Image.Image:
+    """A PIL image as is, or a path opened and turned upright by its EXIF orientation; a clear error otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            return ImageOps.exif_transpose(opened)  # a loaded copy, also when there is nothing to turn
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {image}: {e}") from None
+
+
 def image_to_tensor(image, height: int | None, width: int | None, multiple: int) -> Tensor:
     """A PIL image or a path -> (1, 3, H, W) in [-1, 1], resized to cover (height, width) and center-cropped.
     Without a target size the image keeps its size, cropped down to a multiple of `multiple`."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read init image {image}: {e}") from None
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = ImageOps.exif_transpose(read_image(image, "init image")).convert("RGB")
     height = height or image.height // multiple * multiple
     width = width or image.width // multiple * multiple
     if height < multiple or width < multiple:
@@ -1377,6 +1582,7 @@ class Flux1Pipeline:
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
         self.variant = variant
         self.defaults = VARIANTS[variant]
+        self.redux: Redux | None = None  # image prompts; loaded by load_redux, or by generate(images=...) on first use
 
     @property
     def vae(self) -> AutoEncoder:
@@ -1388,12 +1594,39 @@ class Flux1Pipeline:
         return getattr(self, "execution_device", None) or self.transformer.img_in.weight.device
 
     @torch.no_grad()
-    def encode_prompt(self, prompts) -> dict[str, Tensor]:
-        """T5-XXL states (B, 512, 4096) for the token stream and the CLIP-L pooled vector (B, 768) for modulation."""
+    def encode_prompt(self, prompts, images=None, image_scale: float = 1.0, text_scale: float = 1.0) -> dict:
+        """T5-XXL states (B, 512, 4096) for the token stream and the CLIP-L pooled vector (B, 768) for modulation.
+
+        images: FLUX.1 Redux image prompts (paths or PIL images, needs load_redux), their tokens appended after the
+        T5 tokens of every prompt; several images are concatenated (as chaining ComfyUI's style-model nodes does).
+        image_scale multiplies the image tokens (e.g. 0.2 weakens the image), text_scale the T5 states (> 1
+        strengthens the text), as the reference project's README suggests. The pooled vector stays the prompt's."""
         prompts = as_list(prompts)
         t5_ids = self.t5_tokenizer(prompts).to(next(self.t5.parameters()).device)
         clip_ids = self.clip_tokenizer(prompts).to(next(self.clip.parameters()).device)
-        return {"txt": self.t5(t5_ids), "vec": self.clip(clip_ids)}
+        cond = {"txt": self.t5(t5_ids), "vec": self.clip(clip_ids)}
+        return self.add_images(cond, images, image_scale, text_scale) if images or text_scale != 1 else cond
+
+    def add_images(self, cond: dict, images, image_scale: float = 1.0, text_scale: float = 1.0) -> dict:
+        """A prompt's condition with Redux image tokens appended and both scales applied (see encode_prompt)."""
+        txt = cond["txt"] * text_scale
+        if images:
+            if self.redux is None:
+                raise ValueError("image prompts need FLUX.1 Redux: call pipe.load_redux() first")
+            tokens = self.encode_images(images) * image_scale
+            txt = torch.cat([txt, tokens.to(txt).expand(txt.shape[0], -1, -1)], dim=1)
+        return {**cond, "txt": txt}
+
+    def load_redux(self, name_or_path=REDUX_REPO) -> "Redux":
+        """Load FLUX.1 Redux (a folder laid out like black-forest-labs/FLUX.1-Redux-dev, or that repo) next to T5."""
+        t5 = next(self.t5.parameters())
+        self.redux = load_redux(name_or_path, t5.device, t5.dtype)
+        return self.redux
+
+    @torch.no_grad()
+    def encode_images(self, images) -> Tensor:
+        """Redux tokens of all images, concatenated: (1, 729 * len(images), 4096)."""
+        return self.redux(images).flatten(0, 1)[None]
 
     def velocity(self, x: Tensor, sigma, cond: dict[str, Tensor], guidance: float | Tensor | None = None) -> Tensor:
         """x (B, 16, H/8, W/8) latents at noise level sigma (float or (B,)) -> velocity (noise - x0) in float32.
@@ -1411,6 +1644,26 @@ class Flux1Pipeline:
         txt_ids = torch.zeros(txt.shape[1], 3, device=device)
         out = self.transformer(patchify(x), image_ids(h // 2, w // 2, device), txt, txt_ids, sigma, vec, guidance)
         return unpatchify(out.float(), h, w)
+
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """The schedule generate() samples on (for samplers outside it, e.g. edit.py)."""
+        return schedule(steps, height, width)
+
+    def sampling_kwargs(self, guidance: float | bool | None = None) -> dict:
+        """velocity() arguments for sampling: the distilled guidance, the variant's default unless given (False
+        bypasses the guidance embedder)."""
+        if guidance is None:
+            return {"guidance": self.defaults.guidance}
+        return {"guidance": None if guidance is False else float(guidance)}
+
+    def null_condition(self, n: int = 1) -> dict[str, Tensor]:
+        """RF-inversion's unconditional field (edit.py): zero T5 states and a zero pooled vector, as in the reference
+        implementation, rather than the empty prompt's embeddings (the paper's Alg. 1 writes the empty prompt, and
+        diffusers' community pipeline encodes it). The reference's reason: FLUX.1's text conditioning was most likely
+        dropped for classifier-free training by zeroing the embeddings, as SD3 (arXiv 2403.03206) does."""
+        t5 = next(self.t5.parameters())
+        txt = torch.zeros(n, self.t5_tokenizer.max_length, self.t5.config.d_model, device=t5.device, dtype=t5.dtype)
+        return {"txt": txt, "vec": torch.zeros(n, self.clip.config.hidden_size, device=t5.device, dtype=t5.dtype)}
 
     def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
         """Apply a LoRA file (kohya, diffusers/PEFT, ComfyUI, LyCORIS keys; see lora.py) to the transformer and text
@@ -1449,6 +1702,10 @@ class Flux1Pipeline:
         init_image=None,
         strength: float = 0.6,
         sigmas: Tensor | None = None,
+        images=None,
+        image_scale: float = 1.0,
+        text_scale: float = 1.0,
+        redux=None,
         output: str = "pil",
         progress: bool = True,
     ):
@@ -1458,15 +1715,22 @@ class Flux1Pipeline:
         `negative_prompt` (two passes per step). seed: int (image i uses seed + i) or one per image; `noise` (B, 16,
         H/8, W/8) replaces the seeded noise. init_image + strength: image-to-image, skipping the first (1 - strength)
         of the schedule; the init latents are noised to exactly the first sigma the model sees.
+        images: FLUX.1 Redux image prompts for every prompt, with image_scale and text_scale (see encode_prompt); Redux
+        is loaded on first use from `redux` (a folder) or its Hugging Face repo.
         output: "pil" (list of PIL images), "pt" (pixels in [-1, 1]) or "latent"."""
         d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
-        guidance = d.guidance if guidance is None else (None if guidance is False else float(guidance))
+        guidance = self.sampling_kwargs(guidance)["guidance"]
         cfg = d.cfg if cfg is None else cfg
         init, height, width = canvas(init_image, noise, height, width, d.size)
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
+        images = image_list(images) if images is not None else None
+        if images and (self.redux is None or (redux is not None and str(redux) != self.redux.source)):
+            self.load_redux(REDUX_REPO if redux is None else redux)
         cond = self.encode_prompt(as_list(prompts, n))
+        if images or text_scale != 1:
+            cond = self.add_images(cond, images, image_scale, text_scale)
         uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg != 1 else None
 
         def velocity_fn(x, sigma):

@@ -53,6 +53,8 @@ DEFAULT_SKIP = [
     # timestep embedder also reads its compute dtype from its first weight.
     "*adaLN_modulation*",
     "t_embedder.*",
+    # FLUX.2-klein: its three model-wide modulations, fed the timestep vector (same reasons as FLUX.1's).
+    "*_stream_modulation*",
 ]
 
 # Layers narrower than this on either side are left in float: the patch embedders and output projections of the

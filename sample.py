@@ -5,22 +5,28 @@
     python sample.py flux1-dev "the same scene at dusk" --init-image photo.jpg --strength 0.6
     python sample.py zimage "a red fox in the snow" --lora style.safetensors:0.8
     python sample.py flux1-dev "a cat" --offload blocks --int8      # a 12B model on a small GPU
+    python sample.py flux1 "a tiger" --invert cat.jpg --eta 0.9 --stop 7   # RF-inversion edit of a photo
+    python sample.py flux1 "a cosy room" --image ref.png --image-scale 0.2  # FLUX.1 Redux image prompt
     python sample.py zimage "a red fox" --out fox.png               # one file; with several images fox-00000.png, ...
+    python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
 """
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import os
 import random
 import sys
 import time
+import typing
 from pathlib import Path
 
-FAMILIES = ["flux1", "zimage"]  # model files; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+# family name -> model file; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
+FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein"}
 
 
 class UsageError(Exception):
@@ -50,8 +56,8 @@ def atomic_write(path: Path, write, intact: str = "nothing else was changed"):
 def catalogue() -> dict:
     """Every name sample.py accepts -> (model module, variant): a family name means its flagship variant."""
     names = {}
-    for family in FAMILIES:
-        module = importlib.import_module(family)
+    for family, file in FAMILIES.items():
+        module = importlib.import_module(file)
         names[family] = (module, module.DEFAULT_VARIANT)
         names.update({variant: (module, variant) for variant in module.VARIANTS})
     return names
@@ -107,14 +113,36 @@ def parse_lora(text: str) -> tuple[Path, float]:
     return Path(path), value
 
 
-def check_image(path: str):
+def parse_number(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} {text!r}: expected a finite number")
+    return value
+
+
+def check_image(path: str, flag: str = "--init-image"):
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise UsageError(f"cannot read {flag} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read --init-image {path}: {e}") from None
+        raise UsageError(f"cannot read {flag} {path}: {e}") from None
+
+
+def refuse_options(pipeline_class, flags: dict[str, str], model: str):
+    """One line for an option (generate() argument -> its flag) that this family's generate() does not take."""
+    accepted = inspect.signature(pipeline_class.generate).parameters
+    for key, flag in flags.items():
+        if key not in accepted:
+            raise UsageError(f"{model} does not take {flag}")
 
 
 def pick_device(name: str | None) -> str:
@@ -212,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA (kohya, diffusers/PEFT, ComfyUI or LyCORIS keys) at SCALE (default 1); repeatable",
     )
     p.add_argument("--lora-strict", action="store_true", help="refuse a LoRA file with tensors that cannot be applied")
+    p.add_argument("--invert", metavar="IMAGE", help="edit this photo by RF-inversion towards the prompt (edit.py)")
+    p.add_argument("--gamma", help="RF-inversion: pull of the inversion towards fresh noise, 0..1 (default 0.5)")
+    p.add_argument("--eta", help="RF-inversion: pull of the edit back towards the photo, 0..1 (default 0.9)")
+    p.add_argument("--start", help="RF-inversion: first step of the pull, in steps of 28 (default 0)")
+    p.add_argument("--stop", help="RF-inversion: step where the pull ends, in steps of 28 (default 7)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="reference image for the model (FLUX.2-klein: an image to edit, up to 4; FLUX.1: a Redux image prompt); "
+        "repeatable",
+    )
+    p.add_argument("--image-scale", help="FLUX.1 Redux: multiply the image tokens (e.g. 0.2 weakens the image)")
+    p.add_argument("--text-scale", help="FLUX.1 Redux: multiply the T5 tokens (> 1 strengthens the text)")
+    p.add_argument("--redux", metavar="DIR", help="FLUX.1 Redux weights folder (default: download the Redux repo)")
     p.add_argument("--int8", action="store_true", help="INT8 matmuls (torch._int_mm) for the transformer's linears")
     p.add_argument(
         "--offload",
@@ -256,8 +299,22 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be a finite number")
-    if args.init_image:
-        check_image(args.init_image)
+    pictures = [(args.init_image, "--init-image"), (args.invert, "--invert"), *((i, "--image") for i in args.image)]
+    for path, flag in pictures:
+        if path:
+            check_image(path, flag)
+    edit_args = {k: parse_number(getattr(args, k), f"--{k}") for k in ("gamma", "eta", "start", "stop")}
+    if not args.invert and any(v is not None for v in edit_args.values()):
+        raise UsageError("--gamma, --eta, --start and --stop set up --invert")
+    if args.invert:
+        import edit
+
+        edit_args = {k: getattr(edit, k.upper()) if v is None else v for k, v in edit_args.items()}  # the defaults
+        edit.check_settings(**edit_args)
+    if args.invert and args.solver not in (None, "euler"):
+        raise UsageError("--invert integrates RF-inversion's controlled ODEs with Euler steps; drop --solver")
+    if args.invert and (args.init_image or args.cfg is not None or args.negative):
+        raise UsageError("--invert edits its own photo without true CFG: drop --init-image, --cfg and --negative")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
@@ -273,9 +330,28 @@ def run(args) -> int:
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
     paths = output_paths(args.out, [image_seed for _, image_seed in jobs])  # a bad --out is refused before loading
 
+    # Options only some families have (Z-Image's official CFG truncation/normalisation, reference images) are passed
+    # only when given, and only to a generate() that takes them.
+    options = {
+        "cfg_truncation": ("--cfg-truncation", args.cfg_truncation),
+        "cfg_normalization": ("--cfg-normalization", args.cfg_normalization),
+        "images": ("--image", args.image or None),
+        "image_scale": ("--image-scale", parse_number(args.image_scale, "--image-scale")),
+        "text_scale": ("--text-scale", parse_number(args.text_scale, "--text-scale")),
+        "redux": ("--redux", args.redux),
+    }
+    extra = {k: v for k, (_, v) in options.items() if v is not None}
+    flags = {k: options[k][0] for k in extra}
+    if args.invert and extra:
+        raise UsageError(f"--invert does not take {', '.join(flags.values())}")
+
     import torch
 
     device = pick_device(args.device)
+    # The pipeline class from load()'s annotation, so that an option it does not take is refused before loading.
+    pipeline_class = typing.get_type_hints(module.load).get("return")
+    if pipeline_class is not None:
+        refuse_options(pipeline_class, flags, args.model)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
@@ -300,15 +376,11 @@ def run(args) -> int:
             offload.enable_block_streaming(pipe.transformer, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
+    if pipeline_class is None:
+        refuse_options(type(pipe), flags, args.model)
 
     d = pipe.defaults
     written = []
-    # Options only some families have (Z-Image's official CFG truncation/normalisation) are passed only when given.
-    extra = {
-        k: v
-        for k, v in (("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization))
-        if v is not None
-    }
     for (prompt, image_seed), path in zip(jobs, paths):
         settings = {
             "model": args.model,
@@ -330,22 +402,37 @@ def run(args) -> int:
         }
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
-        settings.update(extra)
-        (image,) = pipe.generate(
-            prompt,
-            height=height,
-            width=width,
-            steps=args.steps,
-            solver=args.solver,
-            guidance=guidance,
-            cfg=args.cfg,
-            negative_prompt=args.negative,
-            seed=image_seed,
-            init_image=args.init_image,
-            strength=args.strength,
-            progress=not args.quiet,
-            **extra,
-        )
+        settings.update({k: ", ".join(v) if k == "images" else v for k, v in extra.items()})
+        if args.invert:
+            settings.update(invert=args.invert, steps=args.steps or edit.STEPS, solver="euler", cfg=None, **edit_args)
+            (image,) = edit.edit(
+                pipe,
+                args.invert,
+                prompt,
+                steps=settings["steps"],
+                **edit_args,
+                guidance=guidance,
+                seed=image_seed,
+                height=height,
+                width=width,
+                progress=not args.quiet,
+            )
+        else:
+            (image,) = pipe.generate(
+                prompt,
+                height=height,
+                width=width,
+                steps=args.steps,
+                solver=args.solver,
+                guidance=guidance,
+                cfg=args.cfg,
+                negative_prompt=args.negative,
+                seed=image_seed,
+                init_image=args.init_image,
+                strength=args.strength,
+                progress=not args.quiet,
+                **extra,
+            )
         settings["size"] = f"{image.width}x{image.height}"
         save_png(image, path, settings)
         written.append(str(path))

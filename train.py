@@ -11,7 +11,10 @@ upscaled; latents and prompt embeddings are computed once and cached on disk, th
 encoder are freed. The loss is the rectified-flow velocity MSE, |v(x_sigma, sigma) - (noise - x0)|^2, with sigma drawn
 logit-normal (SD3, arXiv 2403.03206 §3.1) by default. Checkpoints are written atomically and --resume continues
 bit-for-bit (optimizer, step, RNG and data order included); Ctrl-C writes one at the current step. The final LoRA is
-written in the format other tools load (FLUX.1: kohya; Z-Image: ComfyUI/diffusion_model).
+written in the format other tools load (FLUX.1: kohya; Z-Image, FLUX.2-klein: ComfyUI/diffusion_model).
+
+Edit pairs, for models that take reference images (FLUX.2-klein): the references of x.png are x_ref0.png, x_ref1.png,
+... beside it (any image extension); they are cropped to x's bucket and cached like it.
 
 The phases, in the order train() runs them: check the arguments (and a checkpoint to resume) before anything
 expensive; data (scan, bucket); model (load, LoRA, INT8, offload); cache (latents, prompt embeddings); the steps;
@@ -20,10 +23,12 @@ checkpoints and the exported LoRA.
 
 import argparse
 import csv
+import glob
 import hashlib
 import json
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -86,7 +91,7 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
         return items, skipped
     items = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or REFERENCE_NAME.match(path.stem):
             continue
         caption = path.with_suffix(".txt")
         if not caption.is_file():
@@ -157,6 +162,36 @@ def plan_samples(items, resolutions: list[int], step: int, skipped: Counter) -> 
     return samples
 
 
+REFERENCE_NAME = re.compile(r".+_ref\d+$")  # x_ref0.png: a reference image of x.png, not a target
+
+
+def find_references(path: Path) -> list[Path]:
+    """Edit pairs: the reference images of target x.png are x_ref0.*, x_ref1.*, ... beside it, in that order (the
+    numbering stops at the first gap)."""
+    refs = []
+    while True:
+        found = path.parent.glob(f"{glob.escape(path.stem)}_ref{len(refs)}.*")
+        found = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if not found:
+            return refs
+        refs.append(sorted(found)[0])
+
+
+def attach_references(samples: list[dict], module, skipped: Counter) -> list[dict]:
+    """Give each sample its reference images (edit pairs). A model that takes none refuses them (module.MAX_REFERENCES
+    says how many it takes); samples with more than that are skipped."""
+    limit, kept = getattr(module, "MAX_REFERENCES", 0), []
+    for s in samples:
+        s["refs"] = find_references(s["path"])
+        if s["refs"] and not limit:
+            raise UsageError(f"{s['refs'][0]}: {module.__name__} takes no reference images (edit pairs)")
+        if len(s["refs"]) > limit:
+            skipped[f"more than {limit} reference images"] += 1
+        else:
+            kept.append(s)
+    return kept
+
+
 def epoch_batches(buckets: dict, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of one epoch: shuffled within each bucket, chunked, then the batches shuffled. A pure function of
     (seed, epoch), so a resumed run sees the same order."""
@@ -222,28 +257,41 @@ def collate(conds: list[dict]) -> dict:
     return batch
 
 
-def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress: bool) -> int:
-    """Encode every sample's cropped image once (a file per content, bucket and model); returns how many were new.
-    Images that turn out unreadable here are dropped from `samples` and counted."""
+def cache_latent(pipe, path: Path, bucket, cache: Path, model_id: str) -> tuple[Path, bool]:
+    """The latent of an image cropped to a bucket, encoded unless cached (a file per content, bucket and model):
+    (its file, whether it was new). OSError / ValueError for an unreadable image."""
     import numpy as np
     import torch
+
+    file = cache / f"latent-{digest(model_id, 'latent', path.read_bytes(), bucket)}.safetensors"
+    if file.is_file():
+        return file, False
+    image = crop_to_bucket(open_image(path), *bucket)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
+    save_tensors(file, {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
+    return file, True
+
+
+def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress: bool) -> int:
+    """Encode every sample's cropped image, and its reference images cropped to the same bucket, once; returns how many
+    were new. Samples with an image that turns out unreadable here are dropped from `samples` and counted."""
     from tqdm.auto import tqdm
 
     from flux1 import bar_disabled
 
     encoded, kept = 0, []
     for s in tqdm(samples, desc="caching latents", disable=bar_disabled(progress)):
-        key = digest(model_id, "latent", s["path"].read_bytes(), s["bucket"])
-        s["latent_file"] = cache / f"latent-{key}.safetensors"
-        if not s["latent_file"].is_file():
-            try:
-                image = crop_to_bucket(open_image(s["path"]), *s["bucket"])
-            except (OSError, ValueError):
-                skipped["unreadable image"] += 1
-                continue
-            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
-            save_tensors(s["latent_file"], {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
-            encoded += 1
+        try:
+            s["latent_file"], new = cache_latent(pipe, s["path"], s["bucket"], cache, model_id)
+            encoded += new
+            s["ref_files"] = []
+            for ref in s["refs"]:
+                file, new = cache_latent(pipe, ref, s["bucket"], cache, model_id)
+                s["ref_files"].append(file)
+                encoded += new
+        except (OSError, ValueError):
+            skipped["unreadable image"] += 1
+            continue
         kept.append(s)
     samples[:] = kept
     return encoded
@@ -286,9 +334,12 @@ def cache_latents_shared(world, pipe, samples: list[dict], cache: Path, model_id
         skipped.update(their_skipped)
         total += their_encoded
     samples[:] = [merged[i] for i in sorted(merged)]
-    unseen = [
-        s for s in samples if any(isinstance(v, Path) and v.parent == cache and not v.is_file() for v in s.values())
-    ]
+
+    def files(s):  # the cache files recorded in a sample: its latent, its reference images' latents, ...
+        for value in s.values():
+            yield from (f for f in (value if isinstance(value, list) else [value]) if isinstance(f, Path))
+
+    unseen = [s for s in samples if any(f.parent == cache and not f.is_file() for f in files(s))]
     with world.together():
         if unseen:
             cache_latents(pipe, unseen, cache, model_id, Counter(), progress=False)
@@ -414,6 +465,17 @@ def draw_sigmas(args, n: int, gen):
     return torch.rand(n, generator=gen)
 
 
+def batch_references(batch: list[dict], device) -> dict:
+    """velocity() keyword for a batch of edit pairs: reference j of every sample, stacked ({} without references)."""
+    import torch
+
+    if not batch[0]["refs"]:
+        return {}
+    n = len(batch[0]["refs"])
+    stacked = [torch.cat([load_tensors(s["ref_files"][j])["latent"] for s in batch]).to(device) for j in range(n)]
+    return {"references": stacked}
+
+
 def micro_step(pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict, share=None) -> float:
     """Forward and backward of one micro-batch; returns its loss (the mean over its elements). Sigma, noise and caption
     dropout come from `gen` in a fixed order, so a resumed run draws the same ones. Gradients are scaled by
@@ -430,7 +492,7 @@ def micro_step(pipe, batch: list[dict], conds: dict, args, gen, device, velocity
     noise = torch.randn((len(batch), *x0.shape[1:]), generator=gen)[part].to(device)
     s = sigma.to(device).view(-1, *[1] * (x0.ndim - 1))  # images (B, C, H, W) and videos (B, C, F, H, W) alike
     x_sigma = (1 - s) * x0 + s * noise
-    v = pipe.velocity(x_sigma, sigma.to(device), cond, **velocity_kwargs)
+    v = pipe.velocity(x_sigma, sigma.to(device), cond, **velocity_kwargs, **batch_references(batch[part], device))
     loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
     (loss * weight / args.grad_accum if share else loss / args.grad_accum).backward()
     return loss.item() * weight
@@ -820,7 +882,7 @@ def train(args) -> int:
     # ---- data: scan, bucket (image headers only)
     data = Path(args.data)
     items, skipped = scan(data)
-    samples = plan_samples(items, args.resolution, args.bucket_step, skipped)
+    samples = attach_references(plan_samples(items, args.resolution, args.bucket_step, skipped), module, skipped)
     if not samples:
         raise UsageError(f"no usable images in {data} (skipped: {dict(skipped) or 'no image files found'})")
     preview_prompts = list(args.preview)
@@ -856,7 +918,8 @@ def train(args) -> int:
     prompt_files, new_prompts = cache_prompts_shared(world, pipe, prompts, cache, model_id, progress)
     print(
         f"data: {len(items)} captioned images, {len(samples)} training samples in "
-        f"{len({s['bucket'] for s in samples})} buckets; skipped {dict(skipped) or 'none'}; "
+        f"{len({s['bucket'] for s in samples})} buckets ({sum(bool(s['refs']) for s in samples)} edit pairs); "
+        f"skipped {dict(skipped) or 'none'}; "
         f"encoded {new_latents} latents and {new_prompts} prompts (the rest from {cache})"
     )
     conds = {prompt: load_tensors(file) for prompt, file in prompt_files.items()}
@@ -877,7 +940,7 @@ def train(args) -> int:
     velocity_kwargs = pipe.training_kwargs()
     buckets = defaultdict(list)
     for i, s in enumerate(samples):
-        buckets[s["bucket"]].append(i)
+        buckets[(s["bucket"], len(s["refs"]))].append(i)  # a batch's samples have the same number of references
 
     order = {}  # {epoch: its batches}, for the current epoch only
 

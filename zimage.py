@@ -632,6 +632,20 @@ class ZImagePipeline:
         # Z-Image's time is 1 - sigma and its output is x0 - noise: both flipped into the shared convention here.
         return -self.transformer(x, 1 - sigma, caps).float()
 
+    def sigmas(self, steps: int, height: int, width: int) -> Tensor:
+        """The schedule generate() samples on (for samplers outside it, e.g. edit.py)."""
+        return schedule(steps, self.defaults.shift, self.defaults.dynamic_shift, height, width)
+
+    def sampling_kwargs(self, guidance=None) -> dict:
+        if guidance is not None:
+            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        return {}
+
+    def null_condition(self, n: int = 1) -> dict[str, list[Tensor]]:
+        """The unconditional condition (RF-inversion's null text, edit.py): the empty prompt's features, as Z-Image's
+        classifier-free guidance uses."""
+        return self.encode_prompt([""] * n)
+
     def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
         """Apply a LoRA file (ComfyUI/ai-toolkit, kohya/musubi, diffusers/PEFT, LyCORIS keys; see lora.py) to the
         transformer and the text encoder at `scale`; returns the layers it changed. Several files stack. What cannot
@@ -674,8 +688,7 @@ class ZImagePipeline:
         As in Tongyi's pipeline, CFG runs only for cfg > 1 (0 < cfg <= 1 is no CFG, although the formula would
         change the output; diffusers' ZImagePipeline applies it for any cfg > 0), and truncation compares the
         float32 time the official loop computes (`official_time`)."""
-        if guidance is not None:
-            raise ValueError("Z-Image has no distilled guidance; use cfg (the official guidance scale) instead")
+        self.sampling_kwargs(guidance)  # refuses a distilled guidance
         d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
         cfg = d.cfg if cfg is None else cfg

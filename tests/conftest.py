@@ -16,3 +16,12 @@ def zimage_repo(tmp_path_factory):
     """(folder, reference modules) of a tiny Z-Image repo."""
     root = tmp_path_factory.mktemp("z-image")
     return root, write_zimage_repo(root)
+
+
+@pytest.fixture(scope="session")
+def flux2_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny FLUX.2-klein-4B repo (distilled; BFL transformer, diffusers vae/)."""
+    from fakes import write_flux2_repo
+
+    root = tmp_path_factory.mktemp("flux2-klein-4b")
+    return root, write_flux2_repo(root)

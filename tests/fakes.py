@@ -511,14 +511,16 @@ def tiny_zimage_transformer(seed: int = 0):
     return randomize(ZImageTransformer2DModel(**ZIMAGE_TINY), std=0.2, seed=seed).eval()
 
 
-def tiny_qwen3(seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, causal_lm: bool = False):
+def tiny_qwen3(
+    seed: int = 0, vocab_size: int = 151936, hidden_size: int = 32, causal_lm: bool = False, num_layers: int = 3
+):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -560,3 +562,143 @@ def diffusers_zimage_pipeline(refs: dict, shift: float = 3.0):
         tokenizer=AutoTokenizer.from_pretrained(refs["root"] / "tokenizer"),
         transformer=refs["transformer"],
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.2-klein: the BFL single file `flux-2-klein-*.safetensors` at the root, the diffusers `vae/` (or BFL's
+# `ae.safetensors`), a Qwen3ForCausalLM `text_encoder/` and `tokenizer/`, as the open klein repos ship them.
+
+FLUX2_TINY = dict(
+    in_channels=128,  # 32 latent channels x 2x2, as the real model
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=48,  # 3 x the tiny Qwen3's hidden size
+    axes_dims_rope=(4, 4, 4, 4),
+    timestep_guidance_channels=256,
+    guidance_embeds=False,
+)
+FLUX2_AE_TINY = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32, norm_num_groups=32)
+# 28 layers, so that Qwen3 layers 9, 18 and 27 (klein's) are real and one layer is left unbuilt.
+FLUX2_QWEN3_LAYERS, FLUX2_QWEN3_HIDDEN = 28, 16
+
+
+def flux2_to_bfl(sd: dict) -> dict:
+    """diffusers' Flux2Transformer2DModel state dict -> BFL names (inverse of diffusers'
+    convert_flux2_transformer_checkpoint_to_diffusers; checked against it in test_flux2_klein.py)."""
+    from flux2_klein import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+
+    out = {}
+    for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
+        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
+            param = "scale"  # BFL's RMSNorm calls its weight "scale"
+        if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
+            scale, shift = value.chunk(2, dim=0)
+            out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
+        elif module in DIFFUSERS_TOP:
+            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
+        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
+            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
+            if m[3] in renames:
+                out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
+        else:
+            raise KeyError(key)
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
+        for target, sources in DIFFUSERS_FUSED_DOUBLE.items():
+            parts = [sd[f"transformer_blocks.{i}.{source}.weight"] for source in sources]
+            out[f"double_blocks.{i}.{target}.weight"] = torch.cat(parts)
+    return out
+
+
+def tiny_flux2_transformer(seed: int = 0, std: float = 0.15, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return randomize(Flux2Transformer2DModel(**{**FLUX2_TINY, **overrides}), std=std, seed=seed).eval()
+
+
+def tiny_flux2_ae(seed: int = 0):
+    """AutoencoderKLFlux2 with non-trivial BatchNorm statistics (the defaults, mean 0 and variance 1, hide bugs)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    ae = randomize(AutoencoderKLFlux2(**FLUX2_AE_TINY), std=0.05, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    ae.bn.running_mean.copy_(0.3 * torch.randn(ae.bn.running_mean.shape, generator=g))
+    ae.bn.running_var.copy_(0.5 + torch.rand(ae.bn.running_var.shape, generator=g))
+    return ae
+
+
+def write_flux2_repo(
+    root: Path,
+    transformer_file: str = "flux-2-klein-4b.safetensors",
+    vae_format: str = "diffusers",
+    seed: int = 0,
+    distilled: bool = True,
+    std: float = 0.15,
+    **transformer_overrides,
+) -> dict:
+    """A FLUX.2-klein repo in the official layout; returns the diffusers/transformers reference models. `std`: of the
+    transformer's random weights (smaller: an output closer to a trained model's unit scale)."""
+    from flux2_klein import ae_from_diffusers
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    transformer = tiny_flux2_transformer(seed, std, **transformer_overrides)
+    save_file({k: v.contiguous() for k, v in flux2_to_bfl(transformer.state_dict()).items()}, root / transformer_file)
+    (root / "transformer").mkdir(exist_ok=True)  # the repo's diffusers transformer/: only its config is read
+    (root / "transformer" / "config.json").write_text(json.dumps(dict(transformer.config)))
+    ae = tiny_flux2_ae(seed + 1)
+    if vae_format == "bfl":
+        bfl = {k: v.contiguous() for k, v in ae_from_diffusers(ae.state_dict()).items()}
+        save_file(bfl, root / "ae.safetensors")
+    else:
+        ae.save_pretrained(root / "vae")
+    qwen = tiny_qwen3(seed + 2, TINY_QWEN3_VOCAB, FLUX2_QWEN3_HIDDEN, causal_lm=True, num_layers=FLUX2_QWEN3_LAYERS)
+    qwen.save_pretrained(root / "text_encoder", max_shard_size="100KB")
+    write_tiny_tokenizer("qwen3", root / "tokenizer")
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": distilled}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return {"transformer": transformer, "ae": ae, "text_encoder": qwen, "root": root, "distilled": distilled}
+
+
+def diffusers_flux2_pipeline(refs: dict, distilled: bool | None = None):
+    """diffusers' Flux2KleinPipeline assembled from the same reference modules and the repo's tiny tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import AutoTokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=refs["ae"],
+        text_encoder=refs["text_encoder"],
+        tokenizer=AutoTokenizer.from_pretrained(refs["root"] / "tokenizer"),
+        transformer=refs["transformer"],
+        is_distilled=refs["distilled"] if distilled is None else distilled,
+    )
+
+
+def diffusers_flux2_velocity(ref, x, sigma, txt, references=()):
+    """diffusers' Flux2Transformer2DModel on our latent layout (B, 128, h, w) with reference latents appended as
+    Flux2KleinPipeline does; returns (B, 128, h, w)."""
+    from diffusers import Flux2KleinPipeline as P
+
+    b, c, h, w = x.shape
+    img, ids = P._pack_latents(x), P._prepare_latent_ids(x)
+    if references:
+        ref_ids = P._prepare_image_ids(list(references))
+        packed = torch.cat([P._pack_latents(r).squeeze(0) for r in references])[None].expand(b, -1, -1)
+        img, ids = torch.cat([img, packed], 1), torch.cat([ids, ref_ids.expand(b, -1, -1)], 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(b)
+    out = ref(
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        timestep=sigma,
+        img_ids=ids,
+        txt_ids=P._prepare_text_ids(txt),
+        guidance=None,
+        return_dict=False,
+    )[0]
+    return out[:, : h * w].transpose(1, 2).reshape(b, c, h, w)

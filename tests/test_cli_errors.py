@@ -36,6 +36,7 @@ TABLE = [
     ("sample", ["flux1", "a cat", "--device", "meta"], 2, "--device meta holds no data"),
     ("sample", ["flux1", "a cat", "--init-image", NO_FILE + ".png"], 2, "cannot read --init-image"),
     ("sample", ["flux1", "a cat", "--lora", NO_FILE + ".safetensors"], 2, "no such file"),
+    ("sample", ["flux2", "a cat", "--image", NO_FILE + ".png"], 2, "cannot read --image"),
     # train.py
     ("train", ["flux9", "--data", "{data}"], 2, "unknown model 'flux9'"),
     ("train", ["flux1", "--data", NO_FILE], 2, f"--data {NO_FILE}: no such folder"),
@@ -51,6 +52,7 @@ TABLE = [
     ("train", ["flux1", "--data", "{data}", "--resume", "{file}"], 2, "--resume: cannot read"),
     ("train", ["flux1", "--data", "{data}", "--preview-size", "7x7"], 2, "--size 7x7"),
     ("train", ["zimage-turbo", "--data", "{data}"], 2, "step-distilled"),
+    ("train", ["flux2-klein-4b", "--data", "{data}"], 2, "step-distilled"),
     ("train", ["flux1", "--data", "{data}", "--shard"], 2, "--shard splits the model over the processes of a torchrun"),
     ("train", ["flux1", "--data", "{data}", "--shard", "--offload"], 2, "--shard and --offload do not combine"),
 ]
