@@ -671,18 +671,25 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
-        # Text tokens come first in the joint sequence, as in the official model (the RoPE table follows that order).
-        attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
-        txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
-        img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
-        return img, txt
+        return double_stream(self, img, txt, pe, self.img_mod(vec), self.txt_mod(vec))
+
+
+def double_stream(block, img: Tensor, txt: Tensor, pe: Tensor, img_mod, txt_mod) -> tuple[Tensor, Tensor]:
+    """The MM-DiT update of a double block (its img_attn/img_mlp/txt_attn/txt_mlp) given each stream's six modulation
+    chunks (shift, scale, gate for attention, then for the MLP): FLUX.1 computes them per block, FLUX.2 once per
+    model."""
+    i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_mod
+    t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod
+    img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
+    txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
+    # Text tokens come first in the joint sequence, as in the official model (the RoPE table follows that order).
+    attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
+    txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
+    img = img + i_gate1 * block.img_attn.proj(img_attn)
+    img = img + i_gate2 * block.img_mlp(modulate(img, i_shift2, i_scale2))
+    txt = txt + t_gate1 * block.txt_attn.proj(txt_attn)
+    txt = txt + t_gate2 * block.txt_mlp(modulate(txt, t_shift2, t_scale2))
+    return img, txt
 
 
 class SingleStreamBlock(nn.Module):

@@ -39,6 +39,7 @@ from flux1 import (
     as_list,
     attention,
     canvas,
+    double_stream,
     draw_noise,
     load_into,
     modulate,
@@ -153,17 +154,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = swiglu_mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, pe: Tensor, mod_img: Tensor, mod_txt: Tensor) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img.chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt.chunk(6, dim=-1)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
-        attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2), pe)
-        txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
-        img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
-        return img, txt
+        return double_stream(self, img, txt, pe, mod_img.chunk(6, dim=-1), mod_txt.chunk(6, dim=-1))
 
 
 class SingleStreamBlock(nn.Module):

@@ -53,6 +53,11 @@ DEFAULT_SKIP = [
     # timestep embedder also reads its compute dtype from its first weight.
     "*adaLN_modulation*",
     "t_embedder.*",
+    # Wan2.2: the timestep embedding and projection (one row per latent frame) and the output head run in float32 in
+    # the official model, and the head is the last layer (see MIN_FEATURES).
+    "time_embedding.*",
+    "time_projection.*",
+    "head.head",
     # FLUX.2-klein: its three model-wide modulations, fed the timestep vector (same reasons as FLUX.1's).
     "*_stream_modulation*",
 ]

@@ -9,8 +9,11 @@
     python sample.py flux1 "a cosy room" --image ref.png --image-scale 0.2  # FLUX.1 Redux image prompt
     python sample.py zimage "a red fox" --out fox.png               # one file; with several images fox-00000.png, ...
     python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
+    python sample.py wan22 "a corgi surfing a wave" --frames 81 --size 1280x704 --fps 24   # video: MP4
+    python sample.py wan22 "the fox turns its head" --image fox.png                        # image to video
 
-Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made.
+Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made; videos carry
+them in the MP4 comment (or the WebP's EXIF when neither PyAV nor imageio-ffmpeg is installed, see video.py).
 """
 
 import argparse
@@ -26,7 +29,7 @@ import typing
 from pathlib import Path
 
 # family name -> model file; each has VARIANTS, DEFAULT_VARIANT, load() and a pipeline with generate()
-FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein"}
+FAMILIES = {"flux1": "flux1", "zimage": "zimage", "flux2": "flux2_klein", "wan22": "wan22"}
 
 
 class UsageError(Exception):
@@ -167,18 +170,21 @@ def pick_device(name: str | None) -> str:
 
 
 def next_index(out: Path) -> int:
-    taken = [int(p.stem.split("-")[0]) for p in out.glob("*.png") if p.stem.split("-")[0].isdigit()]
+    taken = [int(p.stem.split("-")[0]) for p in out.glob("*.*") if p.stem.split("-")[0].isdigit()]
     return max(taken, default=-1) + 1
 
 
-OUTPUT_SUFFIXES = {".png"}  # --out ending in one of these names a file; anything else is a folder
+OUTPUT_SUFFIXES = {".png", ".mp4"}  # --out ending in one of these names a file; anything else is a folder
 
 
-def output_paths(out: str, seeds: list[int]) -> list[Path]:
-    """Where the images go. A folder (created if missing): NNNNN-<seed>.png after the highest number already there.
-    A file name: that file for one image; for several, numbered beside it (fox.png -> fox-00000.png, ...)."""
+def output_paths(out: str, seeds: list[int], suffix: str = ".png") -> list[Path]:
+    """Where the images (or videos: suffix .mp4) go. A folder (created if missing): NNNNN-<seed>.png after the highest
+    number already there. A file name: that file for one image; for several, numbered beside it (fox.png ->
+    fox-00000.png, ...)."""
     out = Path(out)
     if out.suffix.lower() in OUTPUT_SUFFIXES:
+        if out.suffix.lower() != suffix:
+            raise UsageError(f"--out {out}: this model writes {suffix} files")
         if out.is_dir():
             raise UsageError(f"--out {out} is a folder; give a new file name or the folder without the suffix")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,10 +192,10 @@ def output_paths(out: str, seeds: list[int]) -> list[Path]:
             return [out]
         return [out.with_name(f"{out.stem}-{i:05d}{out.suffix}") for i in range(len(seeds))]
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder or a file name ending in .png")
+        raise UsageError(f"--out {out} is a file; give a folder or a file name ending in {suffix}")
     out.mkdir(parents=True, exist_ok=True)
     first = next_index(out)
-    return [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+    return [out / f"{first + i:05d}-{seed}{suffix}" for i, seed in enumerate(seeds)]
 
 
 def save_png(image, path: Path, settings: dict):
@@ -203,13 +209,15 @@ def save_png(image, path: Path, settings: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import solvers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help=f"model or variant name: {', '.join(catalogue())}")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--weights", help="local folder laid out like the model's Hugging Face repo (default: download)")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the model's)")
     p.add_argument("--steps", type=int, help="number of solver steps (default: the model's)")
-    p.add_argument("--solver", help="euler, dpmpp_2m or unipc (default: the model's)")
+    p.add_argument("--solver", help=f"{', '.join(solvers.SOLVERS)} (default: the model's)")
     p.add_argument("--guidance", help="FLUX.1's distilled guidance scale, or 'off' to bypass the guidance embedder")
     p.add_argument(
         "--cfg",
@@ -249,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         action="append",
         default=[],
-        help="reference image for the model (FLUX.2-klein: an image to edit, up to 4; FLUX.1: a Redux image prompt); "
-        "repeatable",
+        help="reference image for the model (FLUX.2-klein: an image to edit, up to 4; FLUX.1: a Redux image prompt; "
+        "Wan2.2: the first frame); repeatable",
     )
+    p.add_argument("--frames", type=int, help="video models: number of frames, 4k+1 (default: the model's)")
+    p.add_argument("--fps", type=float, help="video models: frames per second of the file (default: the model's)")
     p.add_argument("--image-scale", help="FLUX.1 Redux: multiply the image tokens (e.g. 0.2 weakens the image)")
     p.add_argument("--text-scale", help="FLUX.1 Redux: multiply the T5 tokens (> 1 strengthens the text)")
     p.add_argument("--redux", metavar="DIR", help="FLUX.1 Redux weights folder (default: download the Redux repo)")
@@ -264,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def load_pipeline(module, variant: str, args, device, dtype):
+    """The model both CLIs run: from --weights or the variant's repo; with offloading (or train.py's --shard)
+    everything loads to host memory first and offload.py (distributed.py) moves it to the device piece by piece."""
+    return module.load(
+        args.weights or variant,
+        variant=variant,
+        device="cpu" if args.offload or getattr(args, "shard", False) else device,
+        dtype=dtype,
+        progress=not args.quiet,
+    )
 
 
 def run_cli(command, args) -> int:
@@ -295,7 +317,7 @@ def run(args) -> int:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
     height, width = parse_size(args.size, module.PIXELS_PER_TOKEN) if args.size else (None, None)
     guidance = parse_guidance(args.guidance)
-    for name in ("cfg", "cfg_truncation", "cfg_normalization", "strength"):
+    for name in ("cfg", "cfg_truncation", "cfg_normalization", "strength", "fps"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be a finite number")
@@ -315,6 +337,15 @@ def run(args) -> int:
         raise UsageError("--invert integrates RF-inversion's controlled ODEs with Euler steps; drop --solver")
     if args.invert and (args.init_image or args.cfg is not None or args.negative):
         raise UsageError("--invert edits its own photo without true CFG: drop --init-image, --cfg and --negative")
+    stride = getattr(module, "TEMPORAL_STRIDE", None)  # video models: frames = stride * k + 1
+    if (args.frames is not None or args.fps is not None) and stride is None:
+        raise UsageError(f"--frames and --fps are for video models; {args.model} makes images")
+    if args.invert and stride is not None:
+        raise UsageError(f"--invert edits photos; {args.model} makes videos")
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % stride):
+        raise UsageError(f"--frames {args.frames}: must be {stride}k+1 (e.g. {stride * 20 + 1})")
+    if args.fps is not None and not args.fps > 0:
+        raise UsageError(f"--fps {args.fps}: must be positive")
     if not 0 <= args.strength <= 1:
         raise UsageError(f"--strength {args.strength}: must be between 0 and 1")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
@@ -328,7 +359,8 @@ def run(args) -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in args.prompt for _ in range(args.num))]
-    paths = output_paths(args.out, [image_seed for _, image_seed in jobs])  # a bad --out is refused before loading
+    suffix = ".png" if stride is None else ".mp4"
+    paths = output_paths(args.out, [image_seed for _, image_seed in jobs], suffix)  # a bad --out: before loading
 
     # Options only some families have (Z-Image's official CFG truncation/normalisation, reference images) are passed
     # only when given, and only to a generate() that takes them.
@@ -339,6 +371,7 @@ def run(args) -> int:
         "image_scale": ("--image-scale", parse_number(args.image_scale, "--image-scale")),
         "text_scale": ("--text-scale", parse_number(args.text_scale, "--text-scale")),
         "redux": ("--redux", args.redux),
+        "frames": ("--frames", args.frames),
     }
     extra = {k: v for k, (_, v) in options.items() if v is not None}
     flags = {k: options[k][0] for k in extra}
@@ -355,14 +388,7 @@ def run(args) -> int:
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     t0 = time.time()
-    # With offloading everything loads to host memory first; offload.py moves it to the device piece by piece.
-    pipe = module.load(
-        args.weights or variant,
-        variant=variant,
-        device="cpu" if args.offload else device,
-        dtype=dtype,
-        progress=not args.quiet,
-    )
+    pipe = load_pipeline(module, variant, args, device, dtype)
     if args.int8:
         import int8
 
@@ -403,6 +429,8 @@ def run(args) -> int:
         if hasattr(d, "guidance"):  # distilled guidance (FLUX.1); other families reject --guidance in generate()
             settings["guidance"] = "off" if guidance is False else (d.guidance if guidance is None else guidance)
         settings.update({k: ", ".join(v) if k == "images" else v for k, v in extra.items()})
+        if stride is not None:
+            settings |= {"frames": args.frames or d.frames, "fps": args.fps or d.fps}
         if args.invert:
             settings.update(invert=args.invert, steps=args.steps or edit.STEPS, solver="euler", cfg=None, **edit_args)
             (image,) = edit.edit(
@@ -433,11 +461,18 @@ def run(args) -> int:
                 progress=not args.quiet,
                 **extra,
             )
-        settings["size"] = f"{image.width}x{image.height}"
-        save_png(image, path, settings)
+        if stride is not None:  # a video: a list of frames (an animated WebP beside `path` without an MP4 encoder)
+            import video
+
+            settings["size"] = f"{image[0].width}x{image[0].height}"
+            path = video.write_video(path, image, settings["fps"], settings)
+        else:
+            settings["size"] = f"{image.width}x{image.height}"
+            save_png(image, path, settings)
         written.append(str(path))
     total = time.time() - t0
-    print(f"wrote {len(written)} image(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
+    kind = "video" if stride else "image"
+    print(f"wrote {len(written)} {kind}(s) in {total:.1f}s (load {load_s:.1f}s): {' '.join(written)}")
     return 0
 
 

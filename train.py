@@ -397,14 +397,9 @@ def setup_model(args, module, variant: str, device: str, dtype):
     import torch
 
     import lora
+    import sample
 
-    pipe = module.load(
-        args.weights or variant,
-        variant=variant,
-        device="cpu" if args.offload or args.shard else device,
-        dtype=dtype,
-        progress=not args.quiet,
-    )
+    pipe = sample.load_pipeline(module, variant, args, device, dtype)
     transformer = pipe.transformer
     if args.shard:  # the encoders and the VAE run whole on every GPU; the transformer is sharded at the end
         for part in vars(pipe).values():

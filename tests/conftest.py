@@ -1,7 +1,7 @@
 """Tiny official-layout repos shared by every test file (written once per session; tests only read them)."""
 
 import pytest
-from fakes import write_flux1_repo, write_zimage_repo
+from fakes import write_flux1_repo, write_wan22_repo, write_zimage_repo
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,20 @@ def zimage_repo(tmp_path_factory):
     """(folder, reference modules) of a tiny Z-Image repo."""
     root = tmp_path_factory.mktemp("z-image")
     return root, write_zimage_repo(root)
+
+
+@pytest.fixture(scope="session")
+def wan22_repo(tmp_path_factory):
+    """(folder, reference modules) of a tiny Wan2.2 TI2V-5B repo in the official layout."""
+    root = tmp_path_factory.mktemp("wan22-ti2v-5b")
+    return root, write_wan22_repo(root)
+
+
+@pytest.fixture(scope="session")
+def wan22_diffusers_repo(tmp_path_factory):
+    """(folder, reference modules) of the same tiny Wan2.2 TI2V-5B repo in the -Diffusers layout."""
+    root = tmp_path_factory.mktemp("wan22-ti2v-5b-diffusers")
+    return root, write_wan22_repo(root, layout="diffusers")
 
 
 @pytest.fixture(scope="session")

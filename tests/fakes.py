@@ -328,34 +328,39 @@ def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.
 # checked against diffusers' own converter in test_flux1.py)
 
 
-def flux_to_bfl(sd: dict) -> dict:
-    from flux1 import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_FUSED_SINGLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+def flux_to_bfl(sd: dict, names=None) -> dict:
+    """diffusers' FLUX.1 (or, with names=flux2_klein, FLUX.2) transformer state dict -> BFL names: the module's own
+    DIFFUSERS_* maps inverted, dimension-agnostic."""
+    import flux1
 
+    names = names or flux1
     out = {}
     for key, value in sd.items():
         module, param = key.rsplit(".", 1)
-        if param == "weight" and ("norm_q" in module or "norm_k" in module or "norm_added" in module):
+        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
             param = "scale"  # BFL's RMSNorm calls its weight "scale"
         if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
             scale, shift = value.chunk(2, dim=0)
             out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-        elif module in DIFFUSERS_TOP:
-            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
+        elif module in names.DIFFUSERS_TOP:
+            out[f"{names.DIFFUSERS_TOP[module]}.{param}"] = value
         elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
-            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
+            renames = names.DIFFUSERS_SINGLE if m[1] else names.DIFFUSERS_DOUBLE
             if m[3] in renames:
                 out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
         else:
             raise KeyError(key)
-    # Fused projections: BFL concatenates q, k, v (and, in single blocks, the MLP input) into one linear.
+    # Fused projections: BFL concatenates q, k, v (and, in FLUX.1's single blocks, the MLP input) into one linear.
     for prefix, block, groups in (
-        ("transformer_blocks", "double_blocks", DIFFUSERS_FUSED_DOUBLE),
-        ("single_transformer_blocks", "single_blocks", DIFFUSERS_FUSED_SINGLE),
+        ("transformer_blocks", "double_blocks", names.DIFFUSERS_FUSED_DOUBLE),
+        ("single_transformer_blocks", "single_blocks", getattr(names, "DIFFUSERS_FUSED_SINGLE", {})),
     ):
         for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith(prefix + ".")}):
             for target, sources in groups.items():
                 for param in ("weight", "bias"):
-                    out[f"{block}.{i}.{target}.{param}"] = torch.cat([sd[f"{prefix}.{i}.{s}.{param}"] for s in sources])
+                    parts = [sd.get(f"{prefix}.{i}.{s}.{param}") for s in sources]
+                    if parts[0] is not None:  # FLUX.2 has no biases
+                        out[f"{block}.{i}.{target}.{param}"] = torch.cat(parts)
     return out
 
 
@@ -565,6 +570,197 @@ def diffusers_zimage_pipeline(refs: dict, shift: float = 3.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Wan2.2 TI2V-5B: the official repo layout (config.json + sharded DiT safetensors in Wan's names at the root,
+# Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/) or the -Diffusers one (transformer/, vae/,
+# text_encoder/, tokenizer/, scheduler/). The official files are written from diffusers/transformers models with our own
+# inverses of diffusers' converters (wan22.DIT_FROM_DIFFUSERS, wan22.vae_from_diffusers, UMT5_TO_WAN below).
+
+WAN_TINY = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=24,  # rope axes (8, 8, 8)
+    in_channels=48,
+    out_channels=48,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+UMT5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+
+def wan_vae_tiny_config() -> dict:
+    """The Wan2.2 VAE layout (residual stages, 2x2 patchify, 48 channels) at widths 8 (encoder) and 16 (decoder)."""
+    import wan22
+
+    return dict(
+        base_dim=8,
+        decoder_base_dim=16,
+        z_dim=48,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=list(wan22.WAN22_VAE_MEAN),
+        latents_std=list(wan22.WAN22_VAE_STD),
+    )
+
+
+# transformers' UMT5EncoderModel names -> Wan's own (wan/modules/t5.py), the inverse of wan22.UMT5_FROM_WAN.
+UMT5_TO_WAN = [
+    (r"^shared\.", "token_embedding."),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
+    (
+        r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.",
+        r"blocks.\1.pos_embedding.embedding.",
+    ),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.", r"blocks.\1.attn.\2."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.norm2."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.", r"blocks.\1.ffn.fc2."),
+    (r"^encoder\.final_layer_norm\.", "norm."),
+]
+
+
+def umt5_to_wan(sd: dict) -> dict:
+    import wan22
+
+    return {wan22.rename(k, UMT5_TO_WAN): v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+
+
+def tiny_wan_transformer(seed: int = 0, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return randomize(WanTransformer3DModel(**{**WAN_TINY, **overrides}), std=0.15, seed=seed).eval()
+
+
+def tiny_wan_vae(seed: int = 0):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return randomize(AutoencoderKLWan(**wan_vae_tiny_config()), std=0.08, seed=seed).eval()
+
+
+def tiny_umt5(seed: int = 0, vocab_size: int = TINY_T5_VOCAB, bf16: bool = True):
+    """A tiny UMT5EncoderModel with strong per-layer position biases; with bf16, every weight is rounded to bf16 (the
+    official .pth is stored in bf16) so that the reference holds exactly the values the checkpoint does."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=vocab_size, feed_forward_proj="gated-gelu", **UMT5_TINY)
+    model = randomize(UMT5EncoderModel(config), std=0.3, seed=seed).eval()
+    with torch.no_grad():
+        for block in model.encoder.block:  # a wrong bucket or a shared table would change the output
+            block.layer[0].SelfAttention.relative_attention_bias.weight.normal_(0, 2.0)
+        if bf16:
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    return model
+
+
+def save_sharded(sd: dict, folder: Path, stem: str, shards: int) -> Path:
+    """`stem-0000i-of-0000n.safetensors` shards and their `stem.safetensors.index.json`, as from_pretrained reads."""
+    keys = list(sd)
+    size = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k].contiguous() for k in keys[i * size : (i + 1) * size]}
+        save_file(part, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return index
+
+
+def write_wan22_repo(root: Path, layout: str = "official", seed: int = 0) -> dict:
+    """A tiny Wan2.2 TI2V-5B repo; returns the reference diffusers/transformers modules (fp32)."""
+    import wan22
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    transformer, vae, umt5 = tiny_wan_transformer(seed), tiny_wan_vae(seed + 1), tiny_umt5(seed + 2)
+    if layout == "official":
+        dit = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in transformer.state_dict().items()}
+        save_sharded(dit, root, "diffusion_pytorch_model", shards=3)  # float32, as the real checkpoint
+        config = {
+            "_class_name": "WanModel",
+            "model_type": "ti2v",
+            "dim": 48,
+            "ffn_dim": 64,
+            "freq_dim": 256,
+            "in_dim": 48,
+            "out_dim": 48,
+            "num_heads": 2,
+            "num_layers": 2,
+            "text_len": 512,
+            "eps": 1e-6,
+        }
+        (root / "config.json").write_text(json.dumps(config))
+        torch.save(wan22.vae_from_diffusers(vae.state_dict()), root / "Wan2.2_VAE.pth")
+        t5 = {k: v.bfloat16() for k, v in umt5_to_wan(umt5.state_dict()).items()}
+        torch.save(t5, root / "models_t5_umt5-xxl-enc-bf16.pth")
+        write_tiny_tokenizer("umt5", root / "google" / "umt5-xxl")
+    elif layout == "diffusers":
+        transformer.save_pretrained(root / "transformer", max_shard_size="100KB")
+        vae.save_pretrained(root / "vae")
+        umt5.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="100KB")
+        umt5.float()
+        write_tiny_tokenizer("umt5", root / "tokenizer")
+        (root / "scheduler").mkdir(exist_ok=True)
+        scheduler = {
+            "_class_name": "UniPCMultistepScheduler",
+            "flow_shift": 5.0,
+            "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True,
+            "num_train_timesteps": 1000,
+        }
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    else:
+        raise ValueError(layout)
+    return {"transformer": transformer, "vae": vae, "text_encoder": umt5, "root": root}
+
+
+def wan_scheduler(shift: float = 5.0):
+    """The -Diffusers repos' scheduler: UniPC on flow sigmas (diffusers starts at sigma 1, the official code at
+    1 - 1/1000; the pipeline parity tests pass diffusers' sigmas to ours)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+    )
+
+
+def diffusers_wan_pipeline(refs: dict, image_to_video: bool = False, shift: float = 5.0):
+    """diffusers' WanPipeline (text-to-video) or WanImageToVideoPipeline (TI2V's image-to-video) with the reference
+    modules, the repo's tokenizer and expand_timesteps=True (per-token timesteps, as the TI2V-5B-Diffusers repo)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from transformers import T5TokenizerFast
+
+    folder = refs["root"] / ("google/umt5-xxl" if (refs["root"] / "google").is_dir() else "tokenizer")
+    tokenizer = T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    common = dict(
+        tokenizer=tokenizer, text_encoder=refs["text_encoder"], vae=refs["vae"], scheduler=wan_scheduler(shift)
+    )
+    if image_to_video:
+        return WanImageToVideoPipeline(
+            **common, transformer=refs["transformer"], image_encoder=None, image_processor=None, expand_timesteps=True
+        )
+    return WanPipeline(**common, transformer=refs["transformer"], expand_timesteps=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # FLUX.2-klein: the BFL single file `flux-2-klein-*.safetensors` at the root, the diffusers `vae/` (or BFL's
 # `ae.safetensors`), a Qwen3ForCausalLM `text_encoder/` and `tokenizer/`, as the open klein repos ship them.
 
@@ -587,29 +783,9 @@ FLUX2_QWEN3_LAYERS, FLUX2_QWEN3_HIDDEN = 28, 16
 def flux2_to_bfl(sd: dict) -> dict:
     """diffusers' Flux2Transformer2DModel state dict -> BFL names (inverse of diffusers'
     convert_flux2_transformer_checkpoint_to_diffusers; checked against it in test_flux2_klein.py)."""
-    from flux2_klein import DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, DIFFUSERS_TOP
+    import flux2_klein
 
-    out = {}
-    for key, value in sd.items():
-        module, param = key.rsplit(".", 1)
-        if param == "weight" and re.search(r"\.norm_(added_)?[qk]$", module):
-            param = "scale"  # BFL's RMSNorm calls its weight "scale"
-        if module == "norm_out.linear":  # diffusers stores (scale, shift); BFL (shift, scale)
-            scale, shift = value.chunk(2, dim=0)
-            out[f"final_layer.adaLN_modulation.1.{param}"] = torch.cat([shift, scale])
-        elif module in DIFFUSERS_TOP:
-            out[f"{DIFFUSERS_TOP[module]}.{param}"] = value
-        elif m := re.match(r"(single_)?transformer_blocks\.(\d+)\.(.+)", module):
-            renames = DIFFUSERS_SINGLE if m[1] else DIFFUSERS_DOUBLE
-            if m[3] in renames:
-                out[f"{'single' if m[1] else 'double'}_blocks.{m[2]}.{renames[m[3]]}.{param}"] = value
-        else:
-            raise KeyError(key)
-    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
-        for target, sources in DIFFUSERS_FUSED_DOUBLE.items():
-            parts = [sd[f"transformer_blocks.{i}.{source}.weight"] for source in sources]
-            out[f"double_blocks.{i}.{target}.weight"] = torch.cat(parts)
-    return out
+    return flux_to_bfl(sd, flux2_klein)
 
 
 def tiny_flux2_transformer(seed: int = 0, std: float = 0.15, **overrides):

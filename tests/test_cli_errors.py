@@ -36,6 +36,11 @@ TABLE = [
     ("sample", ["flux1", "a cat", "--device", "meta"], 2, "--device meta holds no data"),
     ("sample", ["flux1", "a cat", "--init-image", NO_FILE + ".png"], 2, "cannot read --init-image"),
     ("sample", ["flux1", "a cat", "--lora", NO_FILE + ".safetensors"], 2, "no such file"),
+    ("sample", ["flux1", "a cat", "--frames", "5"], 2, "--frames and --fps are for video models"),
+    ("sample", ["wan22", "a cat", "--frames", "10"], 2, "--frames 10: must be 4k+1"),
+    ("sample", ["wan22", "a cat", "--size", "1000x704"], 2, "multiples of 32"),
+    ("sample", ["wan22", "a cat", "--image", NO_FILE + ".png"], 2, "cannot read --image"),
+    ("sample", ["wan22", "a cat", "--fps", "inf"], 2, "--fps inf: must be a finite number"),
     ("sample", ["flux2", "a cat", "--image", NO_FILE + ".png"], 2, "cannot read --image"),
     # train.py
     ("train", ["flux9", "--data", "{data}"], 2, "unknown model 'flux9'"),

@@ -352,7 +352,7 @@ def smooth_pipe(flux2_repo):
     return smooth, kw, smooth.generate(PROMPTS[0], steps=200, solver="unipc", **kw)
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "unipc", "rfpc"])
 def test_solvers_agree_as_steps_grow(smooth_pipe, solver):
     smooth, kw, fine = smooth_pipe
     errors = [rel(smooth.generate(PROMPTS[0], steps=n, solver=solver, **kw), fine) for n in (5, 40)]

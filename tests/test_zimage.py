@@ -155,7 +155,7 @@ def smooth_pipe(zimage_repo):
     return pipe
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "unipc", "rfpc"])
 def test_solvers_agree_as_steps_grow(smooth_pipe, solver):
     kw = dict(height=32, width=32, seed=0, output="latent", progress=False)
     fine = smooth_pipe.generate(PROMPTS[0], steps=200, solver="unipc", **kw)
