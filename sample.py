@@ -41,9 +41,11 @@ class UsageError(Exception):
 
 def atomic_write(path: Path, write, intact: str = "nothing else was changed"):
     """write(tmp) then rename over `path`: a crash or a full disk never leaves a half-written file under the final
-    name, and the temporary file is removed on failure. `intact` says what survives, for the one-line error."""
+    name, and the temporary file is removed on failure. `intact` says what survives, for the one-line error. The
+    temporary name is the process's own, so processes writing the same file (train.py's ranks caching identical
+    images, two runs sharing a cache) never write into each other's."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -288,12 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(module, variant: str, args, device, dtype):
-    """The model both CLIs run: from --weights or the variant's repo; with offloading everything loads to host memory
-    first and offload.py moves it to the device piece by piece."""
+    """The model both CLIs run: from --weights or the variant's repo; with offloading (or train.py's --shard)
+    everything loads to host memory first and offload.py (distributed.py) moves it to the device piece by piece."""
     return module.load(
         args.weights or variant,
         variant=variant,
-        device="cpu" if args.offload else device,
+        device="cpu" if args.offload or getattr(args, "shard", False) else device,
         dtype=dtype,
         progress=not args.quiet,
     )

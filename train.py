@@ -3,6 +3,7 @@
     python train.py flux1 --data photos/ --output out/my-lora --steps 1000 --rank 16 --resolution 512 768
     python train.py zimage --data photos/ --output out/zimage-lora      # trains on Z-Image base (see --allow-distilled)
     python train.py flux1 --data photos/ --output out/my-lora --resume  # continue exactly where it stopped
+    torchrun --nproc-per-node 8 train.py flux1 --data photos/ --output out/my-lora  # 8 GPUs (see distributed.py)
 
 Data: a folder of images with same-name .txt captions (cat.jpg + cat.txt), or a metadata.jsonl / metadata.csv of
 file names and captions. Images are bucketed by aspect ratio (and by resolution when several are given), never
@@ -35,6 +36,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import distributed
 from sample import UsageError, atomic_write, run_cli  # bad input: one line, no traceback
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -44,12 +46,14 @@ class Diverged(UsageError):
     """The loss or the gradients stopped being finite: nothing more is written (exit code 1)."""
 
     exit_code = 1
+    raised_on_every_rank = True  # under torchrun: decided from all-reduced values, so rank 0 alone prints it
 
 
 class Interrupted(UsageError):
     """Ctrl-C: a checkpoint of the current step was written (exit code 130, as for any interrupted command)."""
 
     exit_code = 130
+    raised_on_every_rank = True
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,6 +429,54 @@ def cache_prompts(pipe, prompts: list[str], cache: Path, model_id: str, progress
     return files, encoded
 
 
+def cache_latents_shared(world, pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress):
+    """cache_latents split over the processes of a torchrun launch (one process: cache_latents itself). Rank r encodes
+    samples r, r + N, ...: the pass takes 1/N of the time with every GPU busy, where "rank 0 encodes, the others wait"
+    would leave N - 1 GPUs idle for nothing (the encoders fit any GPU that trains, and they are freed after caching).
+    The ranks then exchange the samples they kept (with the cache files recorded in them) and what they skipped, so
+    every rank trains on the list one process would, in its order, and counts the same skips. All ranks read the one
+    cache; a file a rank cannot see (nodes that do not share --cache-dir) it encodes itself."""
+    if world.size == 1:
+        return cache_latents(pipe, samples, cache, model_id, skipped, progress)
+    mine = list(range(world.rank, len(samples), world.size))
+    share, skipped_here = [samples[i] for i in mine], Counter()
+    with world.together():  # a failure on one rank (a full disk) stops every rank, said once
+        encoded = cache_latents(pipe, share, cache, model_id, skipped_here, progress)
+    kept = {id(s) for s in share}
+    merged, total = {}, 0
+    for their_samples, their_skipped, their_encoded in world.gather(
+        ({i: samples[i] for i in mine if id(samples[i]) in kept}, skipped_here, encoded)
+    ):
+        merged |= their_samples
+        skipped.update(their_skipped)
+        total += their_encoded
+    samples[:] = [merged[i] for i in sorted(merged)]
+
+    def files(s):  # the cache files recorded in a sample: its latent, its reference images' latents, ...
+        for value in s.values():
+            yield from (f for f in (value if isinstance(value, list) else [value]) if isinstance(f, Path))
+
+    unseen = [s for s in samples if any(f.parent == cache and not f.is_file() for f in files(s))]
+    with world.together():
+        if unseen:
+            cache_latents(pipe, unseen, cache, model_id, Counter(), progress=False)
+    return total
+
+
+def cache_prompts_shared(world, pipe, prompts: list[str], cache: Path, model_id: str, progress) -> tuple[dict, int]:
+    """cache_prompts split over the processes as cache_latents_shared splits the latents: rank r encodes distinct
+    prompts r, r + N, ...; then every rank maps all of them to the one cache (encoding only what it cannot see)."""
+    if world.size == 1:
+        return cache_prompts(pipe, prompts, cache, model_id, progress)
+    distinct = list(dict.fromkeys(prompts))
+    with world.together():
+        _, encoded = cache_prompts(pipe, distinct[world.rank :: world.size], cache, model_id, progress)
+    total = sum(world.gather(encoded))
+    with world.together():
+        files, _ = cache_prompts(pipe, distinct, cache, model_id, progress=False)
+    return files, total
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
@@ -466,6 +518,10 @@ def setup_model(args, module, variant: str, device: str, dtype):
     import sample
 
     pipe = sample.load_pipeline(module, variant, args, device, dtype)
+    if args.shard:  # the encoders and the VAE run whole on every GPU; the denoisers are sharded at the end
+        for part in vars(pipe).values():
+            if isinstance(part, torch.nn.Module) and all(part is not d for d in sample.denoisers(pipe)):
+                part.to(device)
     if args.int8:
         import int8
 
@@ -491,6 +547,13 @@ def setup_model(args, module, variant: str, device: str, dtype):
             enable_gradient_checkpointing(part)
     if args.offload:
         offload.enable_model_offload(pipe, device)  # text encoders, VAE (and an expert not trained): one at a time
+    if args.shard:  # FSDP2 replaces the parameters with sharded ones: collect them again. (The LoRA's initial values
+        # were drawn on the host, where the base was, so on GPUs they differ from a run without --shard.) Each
+        # denoiser is its own FSDP2 root, an expert not trained (previews need it) included.
+        for denoiser in sample.denoisers(pipe):
+            distributed.shard(distributed.current(), denoiser, device)
+        pipe.execution_device = torch.device(device)  # where the pipeline runs, for previews (not its weights')
+        params = lora.lora_parameters(transformer)
     return pipe, transformer, names, params
 
 
@@ -557,36 +620,43 @@ def batch_references(batch: list[dict], device) -> dict:
     return {"references": stacked}
 
 
-def micro_step(pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict, expert="") -> float:
+def micro_step(
+    pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict, share=None, expert=""
+) -> float:
     """Forward and backward of one micro-batch; returns its loss (the mean over its elements). Sigma, noise and caption
     dropout come from `gen` in a fixed order, so a resumed run draws the same ones. Gradients are scaled by
     1 / grad_accum, so the accumulated gradient is the mean over every micro-batch, as one big batch would give.
+    Under torchrun `batch` is the global micro-batch and `share` (distributed.Group.share) this rank's (slice, loss
+    weight): every rank draws for the whole batch, as one process would, and trains on its slice.
     expert: whose noise levels the sigmas come from (pipe.expert_sigmas; "" = all). Video models: with probability
     --first-frame a clip is trained as image-to-video, its first frame the condition, as pipe.training_inputs says."""
     import torch
 
-    cached = [load_tensors(s["latent_file"]) for s in batch]
+    part, weight = share or (slice(None), 1.0)
+    cached = [load_tensors(s["latent_file"]) for s in batch[part]]
     x0 = torch.cat([c["latent"] for c in cached]).to(device)
     extras = {k: torch.cat([c[k] for c in cached]).to(device) for k in cached[0] if k != "latent"}
     captions = ["" if torch.rand((), generator=gen) < args.caption_dropout else s["caption"] for s in batch]
-    cond = collate([conds[c] for c in captions])
+    cond = collate([conds[c] for c in captions[part]])
     between = pipe.expert_sigmas(expert) if hasattr(pipe, "expert_sigmas") else (0.0, 1.0)
-    sigma = draw_sigmas(args, x0.shape[0], gen, between)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
+    sigma = draw_sigmas(args, len(batch), gen, between)[part]
+    noise = torch.randn((len(batch), *x0.shape[1:]), generator=gen)[part].to(device)
     s = sigma.to(device).view(-1, *[1] * (x0.ndim - 1))  # images (B, C, H, W) and videos (B, C, F, H, W) alike
     x_sigma = (1 - s) * x0 + s * noise
     kwargs, weights = {}, None
     if getattr(args, "first_frame", None):  # a clip of one latent frame has nothing left to predict from its first
-        first = (torch.rand(x0.shape[0], generator=gen) < args.first_frame) & torch.tensor(x0.shape[2] > 1)
+        first = (torch.rand(len(batch), generator=gen) < args.first_frame)[part] & torch.tensor(x0.shape[2] > 1)
         x_sigma, kwargs, weights = pipe.training_inputs(x0, x_sigma, first, extras)
-    v = pipe.velocity(x_sigma, sigma.to(device), cond, **velocity_kwargs, **kwargs, **batch_references(batch, device))
+    v = pipe.velocity(
+        x_sigma, sigma.to(device), cond, **velocity_kwargs, **kwargs, **batch_references(batch[part], device)
+    )
     if weights is None:
         loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
-    else:  # frames given as conditions are left out of the mean
+    else:  # frames given as conditions are left out of the mean (under torchrun: of this rank's share's mean)
         weights = weights.expand_as(v)
         loss = ((v.float() - (noise - x0)) ** 2 * weights).sum() / weights.sum()
-    (loss / args.grad_accum).backward()
-    return loss.item()
+    (loss * weight / args.grad_accum if share else loss / args.grad_accum).backward()
+    return loss.item() * weight
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -628,8 +698,11 @@ class Position:
     history: list = field(default_factory=list)  # [step, {setting: value}] each time a resume changed settings
 
 
-def read_checkpoint(args, checkpoint_path: Path) -> dict | None:
-    """The checkpoint to resume, checked against the arguments before anything is loaded or cached."""
+def read_checkpoint(args, checkpoint_path: Path, processes: int = 1) -> dict | None:
+    """The checkpoint to resume, checked against the arguments before anything is loaded or cached. Under torchrun
+    the data order and the draws depend on the global micro-batch (--batch-size x processes), not on how it is split:
+    a checkpoint resumes exactly with any number of processes that keeps it (one process included), except with
+    --lora-dropout, whose masks each process draws from its own generator."""
     if not args.resume:
         return None
     import torch
@@ -649,34 +722,60 @@ def read_checkpoint(args, checkpoint_path: Path) -> dict | None:
         )
     if "position" not in state:
         raise UsageError(f"--resume: {path} was written by an older version of train.py; start a new --output")
-    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(args, k)]
+    saved_processes = state.get("world_size", 1)
+
+    def same(k):
+        if k == "batch_size":  # compared as the global micro-batch
+            return saved[k] * saved_processes == args.batch_size * processes
+        return saved[k] == getattr(args, k)
+
+    changed = [k for k in RESUME_FIXED if k in saved and not same(k)]
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in changed)
+
+        def shown(k, value, n):  # a batch size with its number of processes, when either run had several
+            return f"{value} x {n} processes" if k == "batch_size" and {saved_processes, processes} != {1} else value
+
+        was = ", ".join(
+            f"--{k.replace('_', '-')} {shown(k, saved[k], saved_processes)} "
+            f"(now {shown(k, getattr(args, k), processes)})"
+            for k in changed
+        )
         raise UsageError(f"--resume: {path} was made with {was}; these must stay the same to resume")
+    if saved_processes != processes and saved.get("lora_dropout"):
+        raise UsageError(
+            f"--resume: {path} was trained by {saved_processes} processes with --lora-dropout {saved['lora_dropout']}; "
+            f"each process draws its own dropout masks, so it resumes exactly only with {saved_processes} processes"
+        )
     state["adjusted"] = {k: getattr(args, k) for k in RESUME_ADJUSTABLE if k in saved and saved[k] != getattr(args, k)}
     return state
 
 
 def save_checkpoint(path: Path, transformer, optimizer, scheduler, position: Position, gen, args):
+    """Under torchrun every rank calls it (sharded tensors are gathered whole) and rank 0 writes the one file, in the
+    single-process format plus every rank's RNG state, so any number of processes can resume it."""
     import torch
 
     import lora
 
+    world = distributed.current()
     state = {
-        f"{n}.lora_{k}": getattr(m, f"lora_{k}").detach().cpu()
+        f"{n}.lora_{k}": world.full(getattr(m, f"lora_{k}")).detach().cpu()
         for n, m in lora.lora_layers(transformer).items()
         for k in "AB"
     }
     checkpoint = {
         "lora": state,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.full_optimizer_state(world, optimizer),
         "scheduler": scheduler.state_dict(),
         "position": vars(position),
         "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "args": vars(args),
+        **world.rng_states(),
     }
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), "the previous checkpoint is intact")
+    with world.together():
+        if world.rank == 0:
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), "the previous checkpoint is intact")
 
 
 def restore_checkpoint(state: dict, transformer, optimizer, scheduler, gen, args) -> Position:
@@ -690,11 +789,20 @@ def restore_checkpoint(state: dict, transformer, optimizer, scheduler, gen, args
     ):
         raise UsageError("--resume: the checkpoint's LoRA layers differ from this model's (other --lora-targets?)")
     for name, layer in layers.items():
-        layer.lora_A.data.copy_(saved[f"{name}.lora_A"]), layer.lora_B.data.copy_(saved[f"{name}.lora_B"])
-    optimizer.load_state_dict(state["optimizer"])
+        distributed.copy_into(layer.lora_A, saved[f"{name}.lora_A"])
+        distributed.copy_into(layer.lora_B, saved[f"{name}.lora_B"])
+    world = distributed.current()
+    optimizer.load_state_dict(
+        distributed.sharded_optimizer_state(state["optimizer"], optimizer) if world.sharded else state["optimizer"]
+    )
     scheduler.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if world.size > 1 and state.get("world_size") == world.size:  # this rank's LoRA-dropout stream
+        cpu, cuda = state["rank_rng"][world.rank]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, world.device)
     position = Position(**state["position"])
     if state["adjusted"]:  # the new optimizer settings take over from the resumed step (the state dicts hold the old)
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
@@ -707,11 +815,14 @@ def restore_checkpoint(state: dict, transformer, optimizer, scheduler, gen, args
 
 class LogFile:
     """OUTPUT/log.csv, one row per optimizer step; on resume the rows after the checkpoint's step (written before an
-    interruption) are dropped, so no step appears twice."""
+    interruption) are dropped, so no step appears twice. Under torchrun only rank 0 writes it (path None elsewhere)."""
 
     header = ["step", "loss", "lr", "grad_norm", "images_per_s", "seconds"]
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path | None, resume_step: int | None):
+        self.file = None
+        if path is None:
+            return
         rows = []
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
@@ -723,20 +834,26 @@ class LogFile:
         self.file.flush()
 
     def write(self, *values):
-        self.writer.writerow(values)
-        self.file.flush()
+        if self.file:
+            self.writer.writerow(values)
+            self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 class StopOnInterrupt:
     """First Ctrl-C: finish the current step, write a checkpoint, stop. A second Ctrl-C aborts at once (the last
-    checkpoint written stays intact)."""
+    checkpoint written stays intact). Under torchrun, which forwards the signal it gets to every process (and kills
+    them 30 s later), SIGTERM (a scheduler's stop) is handled the same way."""
+
+    def __init__(self, signals=(signal.SIGINT,)):
+        self.signals = signals
 
     def __enter__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
     def handle(self, signum, frame):
@@ -746,7 +863,8 @@ class StopOnInterrupt:
         print("\nstopping after this step to write a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def public_settings(args) -> dict:
@@ -872,6 +990,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="for GPUs smaller than the model: stream the frozen transformer blocks from host memory (forward and "
         "backward); text encoders and VAE visit the device only while they run",
     )
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="under torchrun: shard the frozen transformer, the LoRA and its optimizer state over the GPUs (FSDP2), "
+        "for models that do not fit one GPU",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -881,7 +1005,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def main(argv=None) -> int:
-    return run_cli(train, build_parser().parse_args(argv))
+    return run_cli(distributed.launch(train), build_parser().parse_args(argv))  # launch: train itself in one process
 
 
 def check_args(args, module, variant: str):
@@ -921,6 +1045,17 @@ def check_args(args, module, variant: str):
         raise UsageError(f"--preview-prompts {args.preview_prompts}: no such file")
     if args.preview_size:
         sample.parse_size(args.preview_size, granularity)
+    if args.shard and args.offload:
+        raise UsageError(
+            "--shard and --offload do not combine: --offload streams every block from this process's host memory, "
+            "while --shard keeps 1/N of every block on each GPU and gathers it there; with --shard the frozen base "
+            "already takes 1/N of its size per GPU (use more GPUs), or use --offload without --shard"
+        )
+    if args.shard and distributed.current().size == 1:
+        raise UsageError(
+            "--shard splits the model over the processes of a torchrun launch (torchrun --nproc-per-node N "
+            "train.py ... --shard); one process has nothing to share it with"
+        )
     if getattr(module.VARIANTS[variant], "distilled", False):
         if not args.allow_distilled:
             raise UsageError(
@@ -965,10 +1100,11 @@ def train(args) -> int:
     # ---- arguments, and the checkpoint to resume: all before anything expensive
     module, variant = resolve_model(args.model)
     args.variant = variant
+    world = distributed.current()  # rank 0 of 1, unless started by torchrun
     check_args(args, module, variant)
     out = Path(args.output)
     checkpoint_path = out / "checkpoint.pt"
-    resume = read_checkpoint(args, checkpoint_path)
+    resume = read_checkpoint(args, checkpoint_path, world.size)
 
     # ---- data: scan, bucket (image and clip headers only)
     data = Path(args.data)
@@ -999,18 +1135,21 @@ def train(args) -> int:
     device = sample.pick_device(args.device)
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    pipe, transformer, names, params = setup_model(args, module, variant, device, dtype)
+    with world.together():  # under torchrun a rank that fails to load (memory, a file) stops every rank
+        pipe, transformer, names, params = setup_model(args, module, variant, device, dtype)
+    if world.rank > 0:  # its own LoRA-dropout masks (the LoRA's initial values, drawn before, are the same everywhere)
+        torch.manual_seed(int(digest(args.seed, "rank", world.rank), 16) % 2**63)
     experts = list(transformer) if isinstance(transformer, torch.nn.ModuleDict) else [""]  # trained in turns
     source = Path(args.weights).resolve() if args.weights else module.VARIANTS[variant].repo
     model_id = f"{args.model}:{variant}:{source}:{dtype_name}"
 
     # ---- cache latents and prompt embeddings (each computed once, reused by later runs)
     progress = not args.quiet
-    new_latents = cache_latents(pipe, samples, cache, model_id, skipped, progress)
+    new_latents = cache_latents_shared(world, pipe, samples, cache, model_id, skipped, progress)
     if not samples:
         raise UsageError(f"no usable {what} in {data} (skipped: {dict(skipped)})")
     prompts = [s["caption"] for s in samples] + [""] + preview_prompts  # "": caption dropout and CFG previews
-    prompt_files, new_prompts = cache_prompts(pipe, prompts, cache, model_id, progress)
+    prompt_files, new_prompts = cache_prompts_shared(world, pipe, prompts, cache, model_id, progress)
     clips_note = f"{sum(s['kind'] != 'image' for s in samples)} from clips; " if videos else ""
     print(
         f"data: {len(items)} captioned {'files' if videos else 'images'}, {len(samples)} training samples "
@@ -1030,7 +1169,8 @@ def train(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)  # sigmas, noise and caption dropout
     position = Position()
     if resume is not None:
-        position = restore_checkpoint(resume, transformer, optimizer, scheduler, gen, args)
+        with world.together():
+            position = restore_checkpoint(resume, transformer, optimizer, scheduler, gen, args)
         note = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in resume["adjusted"].items())
         print(f"resumed from step {position.step}" + (f" with the new {note}" if note else ""))
     velocity_kwargs = pipe.training_kwargs()
@@ -1043,7 +1183,8 @@ def train(args) -> int:
     def next_batch():
         if position.epoch not in order:
             order.clear()
-            order[position.epoch] = epoch_batches(buckets, args.batch_size, args.seed, position.epoch)
+            # Under torchrun: the global micro-batches (N x --batch-size), each split by rank in micro_step.
+            order[position.epoch] = epoch_batches(buckets, args.batch_size * world.size, args.seed, position.epoch)
         if position.batch == len(order[position.epoch]):
             position.epoch, position.batch = position.epoch + 1, 0
             return next_batch()
@@ -1056,7 +1197,7 @@ def train(args) -> int:
         granularity = sample.pixels_per_token(module, variant)
         h, w = sample.parse_size(args.preview_size, granularity) if args.preview_size else (None, None)
         h, w = h or args.resolution[0], w or args.resolution[0]
-        transformer.eval()
+        transformer.eval()  # under torchrun every rank renders (--shard needs them all), rank 0 writes
         kw = {"frames": min(args.frames)} if videos else {}
         if videos and getattr(module.VARIANTS[variant], "image", None) == "required":  # from the first clip's start
             kw["image"] = first_frame(samples[0])
@@ -1064,34 +1205,41 @@ def train(args) -> int:
             preview_prompts, height=h, width=w, steps=args.preview_steps, seed=args.seed, progress=False, **kw
         )
         transformer.train()
-        for i, image in enumerate(images):
-            name = folder / f"step{position.step:06d}-{i:02d}"
-            if videos:
-                import video
+        with world.together():
+            for i, image in enumerate(images if world.rank == 0 else []):
+                name = folder / f"step{position.step:06d}-{i:02d}"
+                if videos:
+                    import video
 
-                video.write_video(name.with_suffix(".mp4"), image, module.VARIANTS[variant].fps)
-            else:
-                image.save(name.with_suffix(".png"))
+                    video.write_video(name.with_suffix(".mp4"), image, module.VARIANTS[variant].fps)
+                else:
+                    image.save(name.with_suffix(".png"))
 
     # ---- the steps
     from tqdm.auto import tqdm
 
     from flux1 import bar_disabled
 
-    log = LogFile(out / "log.csv", position.step if resume is not None else None)
+    with world.together():
+        log = LogFile(out / "log.csv" if world.rank == 0 else None, position.step if resume is not None else None)
     bar = tqdm(total=args.steps, initial=position.step, disable=bar_disabled(progress), desc=f"train {variant}")
     start, session_start, seen = time.time() - position.seconds, time.time(), 0
     last_checkpoint = position.step if resume is not None else None
-    with StopOnInterrupt() as interrupt:
+    with StopOnInterrupt((signal.SIGINT, signal.SIGTERM) if world.size > 1 else (signal.SIGINT,)) as interrupt:
         while position.step < args.steps:
             loss = 0.0
             for _ in range(args.grad_accum):
                 batch = next_batch()
+                share = world.share(len(batch))
                 expert = experts[position.step % len(experts)]  # two experts: each optimizer step trains one
-                loss += micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, expert) / args.grad_accum
+                loss += (
+                    micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, share, expert) / args.grad_accum
+                )
                 seen += len(batch)
+            world.sync_gradients(params)  # under torchrun: the sum of the ranks' (weighted) gradients
+            loss = world.sum(loss)  # the global micro-batches' mean, the same on every rank
             clip = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = float(world.full(torch.nn.utils.clip_grad_norm_(params, clip)))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 where = f"the last good checkpoint is {checkpoint_path} (step {last_checkpoint})"
                 raise Diverged(
@@ -1109,10 +1257,11 @@ def train(args) -> int:
             log.write(position.step, f"{loss:.6f}", lr, f"{grad_norm:.4g}", f"{rate:.3f}", f"{position.seconds:.1f}")
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
-            if position.step % args.checkpoint_every == 0 or position.step == args.steps or interrupt.requested:
+            stop = world.any(interrupt.requested)  # under torchrun: every rank stops after the same step
+            if position.step % args.checkpoint_every == 0 or position.step == args.steps or stop:
                 save_checkpoint(checkpoint_path, transformer, optimizer, scheduler, position, gen, args)
                 last_checkpoint = position.step
-            if interrupt.requested:
+            if stop:
                 bar.close()
                 raise Interrupted(
                     f"interrupted: checkpoint of step {position.step} written to {checkpoint_path}; to continue, "
@@ -1126,12 +1275,16 @@ def train(args) -> int:
     # ---- the LoRA, in the format other tools load
     final = out / f"{args.name or 'lora-' + args.model}.safetensors"
     targets = args.lora_targets or module.LORA_TARGETS
+    if world.sharded:
+        distributed.gather_lora(world, transformer)
     written = []
     for expert in experts:  # two experts: one file each, NAME_high_noise / NAME_low_noise (ai-toolkit's names)
         path = final.with_name(f"{final.stem}_{expert}_noise{final.suffix}") if expert else final
         part = transformer[expert] if expert else transformer
         layers = [n for n in names if n.startswith(f"{expert}.")] if expert else names
-        export_lora(path, part, module, variant, layers, targets, args, position, expert)
+        with world.together():
+            if world.rank == 0:
+                export_lora(path, part, module, variant, layers, targets, args, position, expert)
         written.append(str(path))
     print(
         f"wrote {' and '.join(written)} ({len(names)} layers, rank {args.rank}) after {position.step} steps; "

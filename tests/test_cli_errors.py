@@ -58,6 +58,8 @@ TABLE = [
     ("train", ["flux1", "--data", "{data}", "--preview-size", "7x7"], 2, "--size 7x7"),
     ("train", ["zimage-turbo", "--data", "{data}"], 2, "step-distilled"),
     ("train", ["flux2-klein-4b", "--data", "{data}"], 2, "step-distilled"),
+    ("train", ["flux1", "--data", "{data}", "--shard"], 2, "--shard splits the model over the processes of a torchrun"),
+    ("train", ["flux1", "--data", "{data}", "--shard", "--offload"], 2, "--shard and --offload do not combine"),
 ]
 
 
