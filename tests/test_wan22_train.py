@@ -60,7 +60,7 @@ def make_clips(folder, broken: bool = True):
 
 def run(model, repo, data, out, *extra):
     argv = [model, "--weights", str(repo), "--data", str(data), "--output", str(out), "--resolution", "64"]
-    argv += ["--device", "cpu", "--quiet", "--rank", "4", "--frames", "9", "5", *map(str, extra)]
+    argv += ["--bucket-step", "32", "--device", "cpu", "--quiet", "--rank", "4", "--frames", "9", "5", *map(str, extra)]
     return train.main(argv)
 
 
@@ -295,7 +295,7 @@ def test_a14b_experts_train_on_their_noise_levels_and_load_in_diffusers(
 def recording_micro_step(seen: list):
     micro_step = train.micro_step
 
-    def recording(pipe, batch, conds, args, gen, device, velocity_kwargs, expert=""):
+    def recording(pipe, batch, conds, args, gen, device, velocity_kwargs, share=None, expert=""):
         velocity = pipe.velocity
 
         def recorded(x, sigma, *a, **k):
@@ -304,7 +304,7 @@ def recording_micro_step(seen: list):
 
         pipe.velocity = recorded
         try:
-            return micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, expert)
+            return micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, share, expert)
         finally:
             pipe.velocity = velocity
 
