@@ -564,9 +564,9 @@ def trained_parts(pipe, expert: str | None) -> dict:
     return {name: m for name, m in experts.items() if expert in (None, "both", name)}
 
 
-def free_encoders(pipe, conds: dict, offloaded: bool, device: str):
-    """After caching: drop the text encoders and the VAE encoder (the decoder stays for previews); prompts are then
-    read from the cache, previews included."""
+def free_encoders(pipe, conds: dict, offloaded: bool, device: str, keep_vae_encoder: bool = False):
+    """After caching: drop the text encoders and the VAE encoder (the decoder stays for previews; the encoder too with
+    keep_vae_encoder, for previews from a first frame); prompts are then read from the cache, previews included."""
     import torch
 
     if offloaded:
@@ -579,7 +579,8 @@ def free_encoders(pipe, conds: dict, offloaded: bool, device: str):
     for name, value in list(vars(pipe).items()):
         if isinstance(value, torch.nn.Module) and all(value is not m for m in kept):
             setattr(pipe, name, None)
-    pipe.ae.encoder = None
+    if not keep_vae_encoder:
+        pipe.ae.encoder = None
     pipe.encode_prompt = lambda batch: collate([conds[p] for p in batch])
     if offloaded:
         offload.enable_model_offload(pipe, device)  # now only the VAE decoder, for previews
@@ -1149,6 +1150,8 @@ def train(args) -> int:
     if not samples:
         raise UsageError(f"no usable {what} in {data} (skipped: {dict(skipped)})")
     prompts = [s["caption"] for s in samples] + [""] + preview_prompts  # "": caption dropout and CFG previews
+    if preview_prompts and hasattr(module, "NEGATIVE_PROMPT"):  # what previews' CFG uses for "" (Wan's official one)
+        prompts.append(module.NEGATIVE_PROMPT)
     prompt_files, new_prompts = cache_prompts_shared(world, pipe, prompts, cache, model_id, progress)
     clips_note = f"{sum(s['kind'] != 'image' for s in samples)} from clips; " if videos else ""
     print(
@@ -1159,7 +1162,9 @@ def train(args) -> int:
         f"encoded {new_latents} latents and {new_prompts} prompts (the rest from {cache})"
     )
     conds = {prompt: load_tensors(file) for prompt, file in prompt_files.items()}
-    free_encoders(pipe, conds, args.offload, device)
+    # Previews of a model that needs a first frame (I2V-A14B) encode it: the VAE encoder stays for them.
+    image_previews = bool(preview_prompts) and getattr(module.VARIANTS[variant], "image", None) == "required"
+    free_encoders(pipe, conds, args.offload, device, keep_vae_encoder=image_previews)
 
     # ---- optimizer, and the resumed state
     transformer.train()
