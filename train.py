@@ -653,9 +653,10 @@ def micro_step(
     )
     if weights is None:
         loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
-    else:  # frames given as conditions are left out of the mean (under torchrun: of this rank's share's mean)
-        weights = weights.expand_as(v)
-        loss = ((v.float() - (noise - x0)) ** 2 * weights).sum() / weights.sum()
+    else:  # frames given as conditions are left out: each sample's mean over what it predicts, then the batch's mean
+        # (so every sample weighs the same, as in mse_loss, and a rank's share of the batch is a share of the loss)
+        weights = weights.expand_as(v).flatten(1)
+        loss = (((v.float() - (noise - x0)) ** 2).flatten(1) * weights).sum(1).div(weights.sum(1)).mean()
     (loss * weight / args.grad_accum if share else loss / args.grad_accum).backward()
     return loss.item() * weight
 
