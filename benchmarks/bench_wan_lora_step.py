@@ -16,22 +16,12 @@ import argparse
 
 import torch
 from bench_lora_step import saved_bytes
+from bench_wan_transformer import CONFIG  # TI2V-5B width, 2 blocks
 from common import interleaved, peak_rss_bytes
 
 import lora
 import wan22
 
-CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=24,
-    attention_head_dim=128,
-    in_channels=48,
-    out_channels=48,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=14336,
-    num_layers=2,
-)
 DIFFUSERS_TARGETS = [f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")] + [
     "ffn.net.0.proj",
     "ffn.net.2",

@@ -1,7 +1,19 @@
 """Tiny official-layout repos shared by every test file (written once per session; tests only read them)."""
 
 import pytest
+import torch
 from fakes import write_flux1_repo, write_wan22_repo, write_zimage_repo
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): a second thread buys nothing
+    on small matmuls, and when the VM's other core is busy OpenMP's spin-waits for it cost seconds (once made the INT8
+    LoRA training test ~100x slower, 0.3 s -> 30 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

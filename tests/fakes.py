@@ -311,6 +311,22 @@ def max_rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def check_wan_vae(pipe, ref, pixels, latent_shape):
+    """Our encode and decode of `pixels` against diffusers' AutoencoderKLWan `ref` fed the same weights (its latents
+    normalised by its config's latents_mean / latents_std, as diffusers' Wan pipelines do): both within 1e-5."""
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        ours = pipe.encode(pixels)
+        theirs = (ref.encode(pixels).latent_dist.mode() - mean) / std
+        assert ours.shape == latent_shape
+        assert rel(ours, theirs) < 1e-5
+        decoded = pipe.decode(ours)
+        ref_decoded = ref.decode(ours * std + mean).sample
+    assert decoded.shape == pixels.shape and ref_decoded.abs().mean() > 0.05
+    assert rel(decoded, ref_decoded) < 1e-5
+
+
 def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
     """Non-trivial weights everywhere (diffusers zero-initialises some output layers, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
