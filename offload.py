@@ -11,7 +11,8 @@ Two tools that act on any pipeline of the contract (or any nn.Module), without c
     # LoRA training: load the base -> lora.add_lora -> enable_block_streaming -> create the optimizer
 
 - Model offload: a forward pre-hook copies the component's weights to the device (and the call's tensor inputs),
-  a forward hook points the weights back at their host copy. Peak device memory: the largest component.
+  a forward hook points the weights back at their host copy (for the components a pipeline lists in `offload_stays`,
+  its denoisers, only when another component loads). Peak device memory: the largest component.
 - Block streaming: the block stacks (every outermost nn.ModuleList of >= 2 blocks: FLUX.1 `double_blocks`,
   `single_blocks`; Z-Image `noise_refiner`, `context_refiner`, `layers`) stay on the host; everything else lives on
   the device. Block i+1 is copied on a side CUDA stream while block i computes, and block i's device copy is freed
@@ -171,6 +172,10 @@ def components(pipe) -> dict[str, nn.Module]:
 class ModelOffload:
     """Hooks that keep each component of a pipeline on the host except while its forward runs.
 
+    Components the pipeline names in `offload_stays` (a sampler's denoiser, called every step: Wan's DiTs) stay on the
+    device after their call until another component runs, so a generation copies each of them once instead of once
+    per call; one component at a time is still on the device (peak: the largest).
+
     Accounting for tests and debugging: `log` lists ("load" | "free", component name) in order; `on_device()` the
     components whose weights are on the device now."""
 
@@ -193,26 +198,45 @@ class ModelOffload:
                 self.resident += [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         _make_resident(self.resident, self.device)
         pipe.execution_device = self.device  # the pipeline draws its noise and runs its sampler there
+        self.stays = set(getattr(pipe, "offload_stays", ())) & set(self.packs)
+        self.staying: list[str] = []  # components of `stays` left on the device after their call
 
     def _load(self, name, module, args, kwargs):
         # One copy per chunk on the current stream: the forward's kernels are queued after it, so no wait is needed,
-        # and the device buffers are freed in stream order by _free. (No prefetch: one component at a time.)
-        for pack in self.packs[name]:
-            flat = torch.empty(pack.nbytes, dtype=torch.uint8, device=self.device)
-            pack.point_to(flat.copy_(pack.host, non_blocking=pack.pinned))
-        self.log.append(("load", name))
+        # and the device buffers are freed in stream order by _send_home. (No prefetch: one component at a time.)
+        for other in [n for n in self.staying if n != name]:
+            self._send_home(other)
+        if name not in self.staying:
+            for pack in self.packs[name]:
+                flat = torch.empty(pack.nbytes, dtype=torch.uint8, device=self.device)
+                pack.point_to(flat.copy_(pack.host, non_blocking=pack.pinned))
+            self.log.append(("load", name))
         return _to_device(args, self.device), _to_device(kwargs, self.device)
 
     def _free(self, name, module, args, output):
+        if name not in self.stays:
+            self._send_home(name)
+        elif name not in self.staying:
+            self.staying.append(name)
+
+    def _send_home(self, name):
         for pack in self.packs[name]:
             pack.point_home()  # drops the last reference to the device buffer; outputs stay on the device
         self.log.append(("free", name))
+        if name in self.staying:
+            self.staying.remove(name)
+
+    def release(self):
+        """Send the components left on the device (offload_stays) back to the host now."""
+        for name in list(self.staying):
+            self._send_home(name)
 
     def on_device(self) -> list[str]:
         return [name for name, packs in self.packs.items() if not all(p.at_home() for p in packs)]
 
     def remove(self):
         """Undo: hooks removed, host buffers unpinned, everything on the CPU (the weights keep their flat buffers)."""
+        self.release()
         for hook in self.hooks:
             hook.remove()
         if self.device.type == "cuda":

@@ -11,6 +11,7 @@
     python sample.py flux2 "the cat from the first image in the room of the second" --image cat.png --image room.jpg
     python sample.py wan22 "a corgi surfing a wave" --frames 81 --size 1280x704 --fps 24   # video: MP4
     python sample.py wan22 "the fox turns its head" --image fox.png                        # image to video
+    python sample.py wan22-t2v-a14b "a corgi surfing a wave" --offload model   # two 14B experts, one on the GPU
 
 Every PNG carries the prompt and all settings in its text metadata, so a picture says how it was made; videos carry
 them in the MP4 comment (or the WebP's EXIF when neither PyAV nor imageio-ffmpeg is installed, see video.py).
@@ -71,6 +72,18 @@ def resolve_model(name: str):
     if name not in names:
         raise UsageError(f"unknown model {name!r}; valid names: {', '.join(names)}")
     return names[name]
+
+
+def pixels_per_token(module, variant: str) -> int:
+    """Image sides must be multiples of this: the variant's own value where it has one (Wan2.2's A14B: 16), else
+    the family's PIXELS_PER_TOKEN."""
+    return getattr(module.VARIANTS[variant], "pixels_per_token", None) or module.PIXELS_PER_TOKEN
+
+
+def denoisers(pipe) -> list:
+    """The transformer(s) that run at every step: `transformer`, and `transformer_2` where a pipeline has a second
+    (Wan2.2 A14B's low-noise expert, as diffusers names it)."""
+    return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
 
 
 def parse_size(text: str, multiple: int) -> tuple[int, int]:
@@ -223,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg",
         type=float,
         help="true classifier-free guidance scale, in the model's official convention (FLUX.1: 1 = off; Z-Image: "
-        "v_c + cfg (v_c - v_u), 0 = off)",
+        "v_c + cfg (v_c - v_u), 0 = off; Wan2.2 A14B: one scale for both experts instead of the official pair)",
     )
     p.add_argument("--cfg-truncation", type=float, help="Z-Image: no CFG once its time 1 - sigma exceeds this")
     p.add_argument("--cfg-normalization", type=float, help="Z-Image: cap the guided norm at this x the conditional")
@@ -315,7 +328,7 @@ def run(args) -> int:
 
     if args.solver is not None and args.solver not in solvers.SOLVERS:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
-    height, width = parse_size(args.size, module.PIXELS_PER_TOKEN) if args.size else (None, None)
+    height, width = parse_size(args.size, pixels_per_token(module, variant)) if args.size else (None, None)
     guidance = parse_guidance(args.guidance)
     for name in ("cfg", "cfg_truncation", "cfg_normalization", "strength", "fps"):
         value = getattr(args, name)
@@ -392,14 +405,16 @@ def run(args) -> int:
     if args.int8:
         import int8
 
-        int8.quantize(pipe.transformer)
+        for denoiser in denoisers(pipe):
+            int8.quantize(denoiser)
     for path, scale in loras:  # after quantising: a LoRA stays float on top of the INT8 base
         pipe.load_lora(path, scale, strict=args.lora_strict)
     if args.offload:
         import offload
 
         if args.offload == "blocks":
-            offload.enable_block_streaming(pipe.transformer, device)
+            for denoiser in denoisers(pipe):
+                offload.enable_block_streaming(denoiser, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
     if pipeline_class is None:

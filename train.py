@@ -60,9 +60,12 @@ class Interrupted(UsageError):
 # Data: captions, buckets, images
 
 
-def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
+def scan(folder: Path, videos: bool = False) -> tuple[list[tuple[Path, str]], Counter]:
     """(image, caption) pairs from metadata.jsonl / metadata.csv, else from same-name .txt files; what is skipped
-    (missing or empty captions, missing files) is counted, not fatal."""
+    (missing or empty captions, missing files) is counted, not fatal. videos (video models): clips too, as video files
+    (cat.mp4 + cat.txt) or folders of numbered frames (cat/0001.png, ... + cat.txt beside the folder)."""
+    from video import VIDEO_EXTENSIONS
+
     skipped = Counter()
     if (folder / "metadata.jsonl").is_file() or (folder / "metadata.csv").is_file():
         rows = []
@@ -80,7 +83,8 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
         for row in rows:
             name = row.get("file_name") or row.get("file") or row.get("image")
             caption = row.get("text") or row.get("caption") or row.get("prompt")
-            if not name or not (folder / name).is_file():
+            clip = videos and name and (folder / name).is_dir()  # a folder of frames
+            if not name or not ((folder / name).is_file() or clip):
                 skipped["missing image file"] += 1
             elif caption is None:
                 skipped["missing caption"] += 1
@@ -89,11 +93,16 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
             else:
                 items.append((folder / name, str(caption).strip()))
         return items, skipped
-    items = []
+    items, frame_folders = [], set()
+    if videos:  # a folder with images and a caption named after it holds one clip's frames, not images
+        frame_folders = {d for d in folder.rglob("*") if d.is_dir() and caption_of(d).is_file() and frame_files(d)}
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or REFERENCE_NAME.match(path.stem):
+        if path.parent in frame_folders:
             continue
-        caption = path.with_suffix(".txt")
+        clip = path in frame_folders or (videos and path.suffix.lower() in VIDEO_EXTENSIONS)
+        if not clip and (path.suffix.lower() not in IMAGE_EXTENSIONS or REFERENCE_NAME.match(path.stem)):
+            continue
+        caption = caption_of(path)
         if not caption.is_file():
             skipped["missing caption"] += 1
         elif not (text := caption.read_text(encoding="utf-8").strip()):
@@ -101,6 +110,18 @@ def scan(folder: Path) -> tuple[list[tuple[Path, str]], Counter]:
         else:
             items.append((path, text))
     return items, skipped
+
+
+def caption_of(path: Path) -> Path:
+    """cat.png, cat.mp4 and the frame folder cat/ all take their caption from cat.txt."""
+    return path.parent / f"{path.name}.txt" if path.is_dir() else path.with_suffix(".txt")
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The images of a frame folder in frame order: by the number in their names (frame2 before frame10)."""
+    numbers = lambda p: [int(n) for n in re.findall(r"\d+", p.stem)] or [-1]  # noqa: E731
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files, key=lambda p: (numbers(p), p.name))
 
 
 def bucket_size(width: int, height: int, resolution: int, step: int) -> tuple[int, int] | None:
@@ -143,23 +164,66 @@ def crop_to_bucket(image, height: int, width: int):
     return image.crop((left, top, left + width, top + height))
 
 
-def plan_samples(items, resolutions: list[int], step: int, skipped: Counter) -> list[dict]:
+def plan_samples(items, resolutions: list[int], step: int, skipped: Counter, clips=None) -> list[dict]:
     """One training sample per image and distinct bucket: an image that lands in the same bucket at two resolutions
-    (a small one, say) is trained once, not twice."""
+    (a small one, say) is trained once, not twice. clips (video models: --frames, --frame-sampling, --frame-stride):
+    clips too, each with the frames it trains on, and images as 1-frame videos. Reads headers only."""
     samples = []
     for path, caption in items:
+        kind = "image"
         try:
-            size = displayed_size(path)
+            if clips is None or not (path.is_dir() or path.suffix.lower() not in IMAGE_EXTENSIONS):
+                size, count = displayed_size(path), 1
+            else:
+                kind = "frames" if path.is_dir() else "video"
+                size, count = clip_size(path)
         except (OSError, ValueError):
-            skipped["unreadable image"] += 1
+            skipped["unreadable image" if kind == "image" else "unreadable clip"] += 1
             continue
         buckets = [bucket_size(*size, resolution, step) for resolution in resolutions]
         if None in buckets:
             skipped["image smaller than one bucket step"] += 1
             continue
+        sample = {"path": path, "caption": caption, "kind": kind}
+        if clips is not None:
+            sample["indices"] = clips.indices(count)
+            sample["frames"] = len(sample["indices"])
         for bucket in dict.fromkeys(buckets):
-            samples.append({"path": path, "caption": caption, "bucket": bucket})
+            samples.append({**sample, "bucket": bucket})
     return samples
+
+
+def clip_size(path: Path) -> tuple[tuple[int, int], int]:
+    """((width, height), frame count) of a video file or a frame folder, from headers."""
+    if path.is_dir():
+        files = frame_files(path)
+        return displayed_size(files[0]), len(files)
+    import video
+
+    count, _, width, height = video.probe(path)
+    return (width, height), count
+
+
+@dataclass
+class ClipFrames:
+    """Which frames of a clip train (--frames, --frame-sampling, --frame-stride): as many as the longest of `lengths`
+    that fits, else the clip's own longest 4k + 1; `stride` takes every stride-th frame from the start, `uniform`
+    spreads them over the whole clip."""
+
+    lengths: list[int]
+    sampling: str = "stride"
+    stride: int = 1
+
+    def indices(self, count: int) -> list[int]:
+        span = (lambda n: (n - 1) * self.stride + 1) if self.sampling == "stride" else (lambda n: n)
+        fitting = [n for n in self.lengths if span(n) <= count]
+        if fitting:
+            n = max(fitting)
+        else:  # shorter than every length asked for: its own longest 4k + 1 (its bucket by frame count)
+            n = 4 * ((count - 1) // (self.stride if self.sampling == "stride" else 1) // 4) + 1
+        if self.sampling == "stride":
+            return [i * self.stride for i in range(n)]
+        return sorted({round(i * (count - 1) / max(n - 1, 1)) for i in range(n)})
 
 
 REFERENCE_NAME = re.compile(r".+_ref\d+$")  # x_ref0.png: a reference image of x.png, not a target
@@ -272,6 +336,49 @@ def cache_latent(pipe, path: Path, bucket, cache: Path, model_id: str) -> tuple[
     return file, True
 
 
+def cache_clip(pipe, s: dict, cache: Path, model_id: str) -> tuple[Path, bool]:
+    """The latents of a clip's training frames, each cropped to the bucket, encoded unless cached (a file per content,
+    frames, bucket and model), with what the model keeps beside them (pipe.training_condition: I2V-A14B's first-frame
+    condition). The frames are decoded in one pass and cropped as they come, so a long clip is never held whole.
+    OSError / ValueError for a clip that cannot be read."""
+    import numpy as np
+    import torch
+
+    import video
+
+    files = frame_files(s["path"]) if s["kind"] == "frames" else [s["path"]]
+    content = hashlib.sha256()
+    for f in files:
+        content.update(f.name.encode() + b"\0" + f.read_bytes())
+    file = cache / f"clip-{digest(model_id, 'clip', content.digest(), s['bucket'], s['indices'])}.safetensors"
+    if file.is_file():
+        return file, False
+    if s["kind"] == "frames":
+        frames = (open_image(files[i]) for i in s["indices"])
+    else:
+        from PIL import Image
+
+        frames = (Image.fromarray(f) for f in video.read_frames(s["path"], s["indices"]))
+    arrays = [np.asarray(crop_to_bucket(frame, *s["bucket"])) for frame in frames]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, F, H, W)
+    extras = pipe.training_condition(pixels) if hasattr(pipe, "training_condition") else {}
+    save_tensors(file, {"latent": pipe.encode(pixels).float(), **{k: v.float() for k, v in extras.items()}})
+    return file, True
+
+
+def first_frame(s: dict):
+    """The first training frame of a sample (an image, a clip or a frame folder), cropped to its bucket (PIL)."""
+    if s.get("kind", "image") == "image":
+        return crop_to_bucket(open_image(s["path"]), *s["bucket"])
+    if s["kind"] == "frames":
+        return crop_to_bucket(open_image(frame_files(s["path"])[s["indices"][0]]), *s["bucket"])
+    from PIL import Image
+
+    import video
+
+    return crop_to_bucket(Image.fromarray(next(video.read_frames(s["path"], s["indices"][:1]))), *s["bucket"])
+
+
 def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress: bool) -> int:
     """Encode every sample's cropped image, and its reference images cropped to the same bucket, once; returns how many
     were new. Samples with an image that turns out unreadable here are dropped from `samples` and counted."""
@@ -281,6 +388,16 @@ def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped
 
     encoded, kept = 0, []
     for s in tqdm(samples, desc="caching latents", disable=bar_disabled(progress)):
+        if s.get("kind", "image") != "image":
+            try:
+                s["latent_file"], new = cache_clip(pipe, s, cache, model_id)
+            except (OSError, ValueError):
+                skipped["unreadable clip"] += 1
+                continue
+            s["ref_files"] = []
+            encoded += new
+            kept.append(s)
+            continue
         try:
             s["latent_file"], new = cache_latent(pipe, s["path"], s["bucket"], cache, model_id)
             encoded += new
@@ -392,7 +509,8 @@ def enable_gradient_checkpointing(model):
 
 def setup_model(args, module, variant: str, device: str, dtype):
     """Load the frozen base, put the (fp32) LoRA on it, then INT8 / offload / checkpointing as asked. Returns the
-    pipeline, the LoRA layer names and the trainable parameters. With --offload the transformer is packed once, for
+    pipeline, the module holding the LoRA (the transformer, or the trained experts), its layer names and the trainable
+    parameters. With --offload the transformer is packed once, for
     block streaming, before the caching pass; model offload then moves only the encoders and the VAE."""
     import torch
 
@@ -400,49 +518,69 @@ def setup_model(args, module, variant: str, device: str, dtype):
     import sample
 
     pipe = sample.load_pipeline(module, variant, args, device, dtype)
-    transformer = pipe.transformer
-    if args.shard:  # the encoders and the VAE run whole on every GPU; the transformer is sharded at the end
+    if args.shard:  # the encoders and the VAE run whole on every GPU; the denoisers are sharded at the end
         for part in vars(pipe).values():
-            if isinstance(part, torch.nn.Module) and part is not transformer:
+            if isinstance(part, torch.nn.Module) and all(part is not d for d in sample.denoisers(pipe)):
                 part.to(device)
     if args.int8:
         import int8
 
-        int8.quantize(transformer)  # LoRA layers then wrap the INT8 linears; gradients flow through them
+        for denoiser in sample.denoisers(pipe):  # LoRA layers then wrap the INT8 linears; gradients flow through them
+            int8.quantize(denoiser)
+    parts = trained_parts(pipe, args.expert)
+    # One LoRA per trained part (Wan2.2 A14B: per expert), all held by `transformer`: the checkpoint and the optimizer
+    # see them together, each part's layers named after it ("high.blocks.0...").
+    transformer = parts[""] if list(parts) == [""] else torch.nn.ModuleDict(parts)
     torch.manual_seed(args.seed)  # the LoRA's initial A, then its dropout masks: the same seed, the same run
     targets = args.lora_targets or module.LORA_TARGETS
+    targets = [f"{name}.{t}" if name else t for name in parts for t in targets]
     names = lora.add_lora(transformer, targets, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout)
     params = lora.lora_parameters(transformer)
     for p in params:
         p.data = p.data.to(device)
-    if args.offload:  # after adding the LoRA (which stays resident) and before the optimizer sees the parameters
-        import offload
+    for part in parts.values():
+        if args.offload:  # after adding the LoRA (which stays resident) and before the optimizer sees the parameters
+            import offload
 
-        offload.enable_block_streaming(transformer, device)  # checkpoints every block itself
-        offload.enable_model_offload(pipe, device)  # text encoders and VAE: one on the device at a time
-    elif args.gradient_checkpointing:
-        enable_gradient_checkpointing(transformer)
+            offload.enable_block_streaming(part, device)  # checkpoints every block itself
+        elif args.gradient_checkpointing:
+            enable_gradient_checkpointing(part)
+    if args.offload:
+        offload.enable_model_offload(pipe, device)  # text encoders, VAE (and an expert not trained): one at a time
     if args.shard:  # FSDP2 replaces the parameters with sharded ones: collect them again. (The LoRA's initial values
-        # were drawn on the host, where the base was, so on GPUs they differ from a run without --shard.)
-        distributed.shard(distributed.current(), transformer, device)
+        # were drawn on the host, where the base was, so on GPUs they differ from a run without --shard.) Each
+        # denoiser is its own FSDP2 root, an expert not trained (previews need it) included.
+        for denoiser in sample.denoisers(pipe):
+            distributed.shard(distributed.current(), denoiser, device)
         pipe.execution_device = torch.device(device)  # where the pipeline runs, for previews (not its weights')
         params = lora.lora_parameters(transformer)
-    return pipe, names, params
+    return pipe, transformer, names, params
 
 
-def free_encoders(pipe, conds: dict, offloaded: bool, device: str):
-    """After caching: drop the text encoders and the VAE encoder (the decoder stays for previews); prompts are then
-    read from the cache, previews included."""
+def trained_parts(pipe, expert: str | None) -> dict:
+    """The transformer(s) a LoRA is trained on: the one transformer ({"": ...}), or of a model whose noise levels are
+    split between experts (pipe.experts(): Wan2.2 A14B) the --expert one, or both."""
+    experts = pipe.experts() if hasattr(pipe, "experts") else {"": pipe.transformer}
+    return {name: m for name, m in experts.items() if expert in (None, "both", name)}
+
+
+def free_encoders(pipe, conds: dict, offloaded: bool, device: str, keep_vae_encoder: bool = False):
+    """After caching: drop the text encoders and the VAE encoder (the decoder stays for previews; the encoder too with
+    keep_vae_encoder, for previews from a first frame); prompts are then read from the cache, previews included."""
     import torch
 
     if offloaded:
         import offload
 
         offload.disable_model_offload(pipe)  # it holds the encoders' host buffers
+    import sample
+
+    kept = [pipe.ae, *sample.denoisers(pipe)]
     for name, value in list(vars(pipe).items()):
-        if isinstance(value, torch.nn.Module) and value is not pipe.transformer and value is not pipe.ae:
+        if isinstance(value, torch.nn.Module) and all(value is not m for m in kept):
             setattr(pipe, name, None)
-    pipe.ae.encoder = None
+    if not keep_vae_encoder:
+        pipe.ae.encoder = None
     pipe.encode_prompt = lambda batch: collate([conds[p] for p in batch])
     if offloaded:
         offload.enable_model_offload(pipe, device)  # now only the VAE decoder, for previews
@@ -452,12 +590,24 @@ def free_encoders(pipe, conds: dict, offloaded: bool, device: str):
 # One optimizer step
 
 
-def draw_sigmas(args, n: int, gen):
+def draw_sigmas(args, n: int, gen, between: tuple[float, float] = (0.0, 1.0)):
+    """n sigmas from --timesteps' distribution, or from that distribution cut to [lo, hi] (an expert's noise levels):
+    drawn through the inverse of its cumulative distribution, so the shape within the range is kept."""
     import torch
 
+    lo, hi = between
+    if (lo, hi) == (0.0, 1.0):
+        if args.timesteps == "logit_normal":
+            return torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=gen))
+        return torch.rand(n, generator=gen)
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
     if args.timesteps == "logit_normal":
-        return torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=gen))
-    return torch.rand(n, generator=gen)
+        normal = torch.distributions.Normal(torch.tensor(args.logit_mean, dtype=torch.float64), args.logit_std)
+        ends = normal.cdf(torch.logit(torch.tensor([lo, hi], dtype=torch.float64)))
+        sigma = torch.sigmoid(normal.icdf((ends[0] + u * (ends[1] - ends[0])).clamp(1e-12, 1 - 1e-12)))
+    else:
+        sigma = lo + u * (hi - lo)
+    return sigma.float().clamp(lo, hi)
 
 
 def batch_references(batch: list[dict], device) -> dict:
@@ -471,24 +621,42 @@ def batch_references(batch: list[dict], device) -> dict:
     return {"references": stacked}
 
 
-def micro_step(pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict, share=None) -> float:
+def micro_step(
+    pipe, batch: list[dict], conds: dict, args, gen, device, velocity_kwargs: dict, share=None, expert=""
+) -> float:
     """Forward and backward of one micro-batch; returns its loss (the mean over its elements). Sigma, noise and caption
     dropout come from `gen` in a fixed order, so a resumed run draws the same ones. Gradients are scaled by
     1 / grad_accum, so the accumulated gradient is the mean over every micro-batch, as one big batch would give.
     Under torchrun `batch` is the global micro-batch and `share` (distributed.Group.share) this rank's (slice, loss
-    weight): every rank draws for the whole batch, as one process would, and trains on its slice."""
+    weight): every rank draws for the whole batch, as one process would, and trains on its slice.
+    expert: whose noise levels the sigmas come from (pipe.expert_sigmas; "" = all). Video models: with probability
+    --first-frame a clip is trained as image-to-video, its first frame the condition, as pipe.training_inputs says."""
     import torch
 
     part, weight = share or (slice(None), 1.0)
-    x0 = torch.cat([load_tensors(s["latent_file"])["latent"] for s in batch[part]]).to(device)
+    cached = [load_tensors(s["latent_file"]) for s in batch[part]]
+    x0 = torch.cat([c["latent"] for c in cached]).to(device)
+    extras = {k: torch.cat([c[k] for c in cached]).to(device) for k in cached[0] if k != "latent"}
     captions = ["" if torch.rand((), generator=gen) < args.caption_dropout else s["caption"] for s in batch]
     cond = collate([conds[c] for c in captions[part]])
-    sigma = draw_sigmas(args, len(batch), gen)[part]
+    between = pipe.expert_sigmas(expert) if hasattr(pipe, "expert_sigmas") else (0.0, 1.0)
+    sigma = draw_sigmas(args, len(batch), gen, between)[part]
     noise = torch.randn((len(batch), *x0.shape[1:]), generator=gen)[part].to(device)
     s = sigma.to(device).view(-1, *[1] * (x0.ndim - 1))  # images (B, C, H, W) and videos (B, C, F, H, W) alike
     x_sigma = (1 - s) * x0 + s * noise
-    v = pipe.velocity(x_sigma, sigma.to(device), cond, **velocity_kwargs, **batch_references(batch[part], device))
-    loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+    kwargs, weights = {}, None
+    if getattr(args, "first_frame", None):  # a clip of one latent frame has nothing left to predict from its first
+        first = (torch.rand(len(batch), generator=gen) < args.first_frame)[part] & torch.tensor(x0.shape[2] > 1)
+        x_sigma, kwargs, weights = pipe.training_inputs(x0, x_sigma, first, extras)
+    v = pipe.velocity(
+        x_sigma, sigma.to(device), cond, **velocity_kwargs, **kwargs, **batch_references(batch[part], device)
+    )
+    if weights is None:
+        loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+    else:  # frames given as conditions are left out: each sample's mean over what it predicts, then the batch's mean
+        # (so every sample weighs the same, as in mse_loss, and a rank's share of the batch is a share of the loss)
+        weights = weights.expand_as(v).flatten(1)
+        loss = (((v.float() - (noise - x0)) ** 2).flatten(1) * weights).sum(1).div(weights.sum(1)).mean()
     (loss * weight / args.grad_accum if share else loss / args.grad_accum).backward()
     return loss.item() * weight
 
@@ -511,6 +679,11 @@ RESUME_FIXED = [
     "logit_std",
     "caption_dropout",
     "seed",
+    "frames",
+    "frame_sampling",
+    "frame_stride",
+    "first_frame",
+    "expert",
 ]
 # Optimizer and schedule settings a resumed run may change: the new value applies from the resumed step on.
 RESUME_ADJUSTABLE = ["lr", "weight_decay", "warmup", "max_grad_norm"]
@@ -708,10 +881,13 @@ def public_settings(args) -> dict:
     return out
 
 
-def export_lora(path: Path, transformer, module, variant: str, names: list[str], targets, args, position: Position):
+def export_lora(
+    path: Path, transformer, module, variant: str, names: list[str], targets, args, position: Position, expert=""
+):
     import lora
 
     metadata = {
+        **({"expert": f"{expert}_noise", "boundary": module.VARIANTS[variant].boundary} if expert else {}),
         **getattr(module, "LORA_METADATA", {}),  # what kohya's trainers write, read by other tools
         "modelspec.title": path.stem,
         "modelspec.resolution": f"{args.resolution[0]}x{args.resolution[0]}",
@@ -766,6 +942,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal mean")
     p.add_argument("--logit-std", type=float, default=1.0, help="logit-normal standard deviation")
     p.add_argument("--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption")
+    p.add_argument(
+        "--frames",
+        type=int,
+        nargs="+",
+        help="video models: clip lengths in frames, 4k+1 (default: the model's); a clip trains at the longest that "
+        "fits, a shorter one at its own longest 4k+1; images train as 1 frame",
+    )
+    p.add_argument(
+        "--frame-sampling",
+        choices=["stride", "uniform"],
+        default="stride",
+        help="video models: the frames from the clip's start, every --frame-stride-th, or spread over the whole clip",
+    )
+    p.add_argument("--frame-stride", type=int, default=1, help="video models: take every Nth frame (stride sampling)")
+    p.add_argument(
+        "--first-frame",
+        type=float,
+        help="image-to-video models: share of clips trained conditioned on their first frame (default: the model's; "
+        "Wan2.2 TI2V-5B 0.5, I2V-A14B 1)",
+    )
+    p.add_argument(
+        "--expert",
+        choices=["high", "low", "both"],
+        help="two-expert models (Wan2.2 A14B): the expert whose LoRA trains, each on its own noise levels (default "
+        "both, taking turns step by step); written as NAME_high_noise / NAME_low_noise.safetensors",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order, sigmas and noise")
     p.add_argument(
@@ -833,7 +1035,10 @@ def check_args(args, module, variant: str):
         raise UsageError("--caption-dropout must be in [0, 1] and --lora-dropout in [0, 1)")
     if args.alpha is not None and not (finite(args.alpha) and args.alpha > 0):
         raise UsageError(f"--alpha {args.alpha}: must be a positive number")
-    granularity = module.PIXELS_PER_TOKEN
+    import sample
+
+    granularity = sample.pixels_per_token(module, variant)
+    check_video_args(args, module, variant)
     if args.bucket_step < granularity or args.bucket_step % granularity:
         raise UsageError(f"--bucket-step must be a multiple of {granularity} for {args.model}")
     if min(args.resolution) < args.bucket_step:
@@ -841,8 +1046,6 @@ def check_args(args, module, variant: str):
     if args.preview_prompts and not Path(args.preview_prompts).is_file():
         raise UsageError(f"--preview-prompts {args.preview_prompts}: no such file")
     if args.preview_size:
-        import sample
-
         sample.parse_size(args.preview_size, granularity)
     if args.shard and args.offload:
         raise UsageError(
@@ -864,6 +1067,37 @@ def check_args(args, module, variant: str):
         print(f"warning: training on {variant} (distilled): expect it to need more steps afterwards", file=sys.stderr)
 
 
+def check_video_args(args, module, variant: str):
+    """The video options, checked and resolved to the model's defaults (so a resumed run compares the values used)."""
+    v = module.VARIANTS[variant]
+    stride = getattr(module, "TEMPORAL_STRIDE", None)
+    if stride is None:
+        given = [flag for flag, value in (("--frames", args.frames), ("--first-frame", args.first_frame)) if value]
+        if given or args.frame_stride != 1 or args.frame_sampling != "stride":
+            options = " and ".join(given) or "the frame options"
+            raise UsageError(f"{options}: for video models; {args.model} makes images")
+    else:
+        args.frames = sorted(set(args.frames or [v.frames]))
+        if any(n < 1 or (n - 1) % stride for n in args.frames):
+            raise UsageError(f"--frames {' '.join(map(str, args.frames))}: each must be {stride}k+1 (e.g. 49, 81)")
+        if args.frame_stride < 1:
+            raise UsageError(f"--frame-stride must be at least 1, got {args.frame_stride}")
+        takes = getattr(v, "image", "none")  # whether the model takes a first frame: none, optional, required
+        if args.first_frame is None:
+            args.first_frame = getattr(v, "train_first_frame", 0.0)
+        if not 0 <= args.first_frame <= 1:
+            raise UsageError(f"--first-frame {args.first_frame}: a share, between 0 and 1")
+        if args.first_frame and takes == "none":
+            raise UsageError(f"--first-frame: {variant} makes videos from text only (no first-frame condition)")
+        if args.first_frame != 1 and takes == "required":
+            raise UsageError(f"--first-frame {args.first_frame}: {variant} always takes a first frame (use 1)")
+    if getattr(v, "boundary", None) is None:
+        if args.expert:
+            raise UsageError(f"--expert is for two-expert models (Wan2.2 A14B); {variant} has one transformer")
+    elif args.expert is None:
+        args.expert = "both"
+
+
 def train(args) -> int:
     # ---- arguments, and the checkpoint to resume: all before anything expensive
     module, variant = resolve_model(args.model)
@@ -874,12 +1108,19 @@ def train(args) -> int:
     checkpoint_path = out / "checkpoint.pt"
     resume = read_checkpoint(args, checkpoint_path, world.size)
 
-    # ---- data: scan, bucket (image headers only)
+    # ---- data: scan, bucket (image and clip headers only)
     data = Path(args.data)
-    items, skipped = scan(data)
-    samples = attach_references(plan_samples(items, args.resolution, args.bucket_step, skipped), module, skipped)
+    videos = getattr(module, "TEMPORAL_STRIDE", None) is not None  # a video model: clips, and images as 1 frame
+    clips = ClipFrames(args.frames, args.frame_sampling, args.frame_stride) if videos else None
+    items, skipped = scan(data, videos)
+    samples = plan_samples(items, args.resolution, args.bucket_step, skipped, clips)
+    if videos and args.first_frame == 1:  # every sample conditioned on its first frame: a single frame teaches nothing
+        skipped["single frame (image-to-video trains on clips)"] += sum(s["frames"] == 1 for s in samples)
+        samples = [s for s in samples if s["frames"] > 1]
+    samples = attach_references(samples, module, skipped)
+    what = "clips or images" if videos else "images"
     if not samples:
-        raise UsageError(f"no usable images in {data} (skipped: {dict(skipped) or 'no image files found'})")
+        raise UsageError(f"no usable {what} in {data} (skipped: {dict(skipped) or 'no files found'})")
     preview_prompts = list(args.preview)
     if args.preview_prompts:
         preview_prompts += [p.strip() for p in Path(args.preview_prompts).read_text().splitlines() if p.strip()]
@@ -897,10 +1138,10 @@ def train(args) -> int:
     dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     with world.together():  # under torchrun a rank that fails to load (memory, a file) stops every rank
-        pipe, names, params = setup_model(args, module, variant, device, dtype)
+        pipe, transformer, names, params = setup_model(args, module, variant, device, dtype)
     if world.rank > 0:  # its own LoRA-dropout masks (the LoRA's initial values, drawn before, are the same everywhere)
         torch.manual_seed(int(digest(args.seed, "rank", world.rank), 16) % 2**63)
-    transformer = pipe.transformer
+    experts = list(transformer) if isinstance(transformer, torch.nn.ModuleDict) else [""]  # trained in turns
     source = Path(args.weights).resolve() if args.weights else module.VARIANTS[variant].repo
     model_id = f"{args.model}:{variant}:{source}:{dtype_name}"
 
@@ -908,17 +1149,23 @@ def train(args) -> int:
     progress = not args.quiet
     new_latents = cache_latents_shared(world, pipe, samples, cache, model_id, skipped, progress)
     if not samples:
-        raise UsageError(f"no usable images in {data} (skipped: {dict(skipped)})")
+        raise UsageError(f"no usable {what} in {data} (skipped: {dict(skipped)})")
     prompts = [s["caption"] for s in samples] + [""] + preview_prompts  # "": caption dropout and CFG previews
+    if preview_prompts and hasattr(module, "NEGATIVE_PROMPT"):  # what previews' CFG uses for "" (Wan's official one)
+        prompts.append(module.NEGATIVE_PROMPT)
     prompt_files, new_prompts = cache_prompts_shared(world, pipe, prompts, cache, model_id, progress)
+    clips_note = f"{sum(s['kind'] != 'image' for s in samples)} from clips; " if videos else ""
     print(
-        f"data: {len(items)} captioned images, {len(samples)} training samples in "
-        f"{len({s['bucket'] for s in samples})} buckets ({sum(bool(s['refs']) for s in samples)} edit pairs); "
+        f"data: {len(items)} captioned {'files' if videos else 'images'}, {len(samples)} training samples "
+        f"({clips_note}{sum(bool(s['refs']) for s in samples)} edit pairs) in "
+        f"{len({(s['bucket'], s.get('frames')) for s in samples})} buckets; "
         f"skipped {dict(skipped) or 'none'}; "
         f"encoded {new_latents} latents and {new_prompts} prompts (the rest from {cache})"
     )
     conds = {prompt: load_tensors(file) for prompt, file in prompt_files.items()}
-    free_encoders(pipe, conds, args.offload, device)
+    # Previews of a model that needs a first frame (I2V-A14B) encode it: the VAE encoder stays for them.
+    image_previews = bool(preview_prompts) and getattr(module.VARIANTS[variant], "image", None) == "required"
+    free_encoders(pipe, conds, args.offload, device, keep_vae_encoder=image_previews)
 
     # ---- optimizer, and the resumed state
     transformer.train()
@@ -935,7 +1182,7 @@ def train(args) -> int:
     velocity_kwargs = pipe.training_kwargs()
     buckets = defaultdict(list)
     for i, s in enumerate(samples):
-        buckets[(s["bucket"], len(s["refs"]))].append(i)  # a batch's samples have the same number of references
+        buckets[(s["bucket"], s.get("frames"), len(s["refs"]))].append(i)  # one size, length, number of references
 
     order = {}  # {epoch: its batches}, for the current epoch only
 
@@ -953,16 +1200,26 @@ def train(args) -> int:
     def preview():
         folder = out / "previews"
         folder.mkdir(exist_ok=True)
-        h, w = sample.parse_size(args.preview_size, module.PIXELS_PER_TOKEN) if args.preview_size else (None, None)
+        granularity = sample.pixels_per_token(module, variant)
+        h, w = sample.parse_size(args.preview_size, granularity) if args.preview_size else (None, None)
         h, w = h or args.resolution[0], w or args.resolution[0]
         transformer.eval()  # under torchrun every rank renders (--shard needs them all), rank 0 writes
+        kw = {"frames": min(args.frames)} if videos else {}
+        if videos and getattr(module.VARIANTS[variant], "image", None) == "required":  # from the first clip's start
+            kw["image"] = first_frame(samples[0])
         images = pipe.generate(
-            preview_prompts, height=h, width=w, steps=args.preview_steps, seed=args.seed, progress=False
+            preview_prompts, height=h, width=w, steps=args.preview_steps, seed=args.seed, progress=False, **kw
         )
         transformer.train()
         with world.together():
             for i, image in enumerate(images if world.rank == 0 else []):
-                image.save(folder / f"step{position.step:06d}-{i:02d}.png")
+                name = folder / f"step{position.step:06d}-{i:02d}"
+                if videos:
+                    import video
+
+                    video.write_video(name.with_suffix(".mp4"), image, module.VARIANTS[variant].fps)
+                else:
+                    image.save(name.with_suffix(".png"))
 
     # ---- the steps
     from tqdm.auto import tqdm
@@ -980,7 +1237,10 @@ def train(args) -> int:
             for _ in range(args.grad_accum):
                 batch = next_batch()
                 share = world.share(len(batch))
-                loss += micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, share) / args.grad_accum
+                expert = experts[position.step % len(experts)]  # two experts: each optimizer step trains one
+                loss += (
+                    micro_step(pipe, batch, conds, args, gen, device, velocity_kwargs, share, expert) / args.grad_accum
+                )
                 seen += len(batch)
             world.sync_gradients(params)  # under torchrun: the sum of the ranks' (weighted) gradients
             loss = world.sum(loss)  # the global micro-batches' mean, the same on every rank
@@ -1023,10 +1283,19 @@ def train(args) -> int:
     targets = args.lora_targets or module.LORA_TARGETS
     if world.sharded:
         distributed.gather_lora(world, transformer)
-    with world.together():
-        if world.rank == 0:
-            export_lora(final, transformer, module, variant, names, targets, args, position)
-    print(f"wrote {final} ({len(names)} layers, rank {args.rank}) after {position.step} steps; log {out / 'log.csv'}")
+    written = []
+    for expert in experts:  # two experts: one file each, NAME_high_noise / NAME_low_noise (ai-toolkit's names)
+        path = final.with_name(f"{final.stem}_{expert}_noise{final.suffix}") if expert else final
+        part = transformer[expert] if expert else transformer
+        layers = [n for n in names if n.startswith(f"{expert}.")] if expert else names
+        with world.together():
+            if world.rank == 0:
+                export_lora(path, part, module, variant, layers, targets, args, position, expert)
+        written.append(str(path))
+    print(
+        f"wrote {' and '.join(written)} ({len(names)} layers, rank {args.rank}) after {position.step} steps; "
+        f"log {out / 'log.csv'}"
+    )
     return 0
 
 

@@ -3,6 +3,8 @@
     import video
     path = video.write_video("out.mp4", frames, fps=24, metadata={"prompt": "a cat"})   # .mp4, or .webp without PyAV
     frames, fps, metadata = video.read_video(path)                                      # (F, H, W, 3) uint8
+    count, fps, width, height = video.probe(path)             # a clip's length and size, for planning (train.py)
+    for frame in video.read_frames(path, [0, 2, 4]): ...     # only the frames asked for, decoded in one pass
 
 PyAV (`pip install av`) and imageio-ffmpeg (`pip install imageio-ffmpeg`) are optional (requirements-video.txt); each
 bundles an FFmpeg with libx264. Without either, MP4 requests are written as animated WebP by Pillow, which is always
@@ -19,6 +21,7 @@ import numpy as np
 
 EXIF_IMAGE_DESCRIPTION = 0x010E
 BACKENDS = ("pyav", "imageio", "pillow")
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"}  # what train.py reads as clips
 
 
 def available_backend() -> str:
@@ -184,3 +187,105 @@ def _read_pillow(path: Path):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read video {path}: {e}") from None
     return np.stack(frames), (1000 / duration if duration else 0.0), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clips for training: their length and size without decoding them (where the container tells), and selected frames in
+# one decoding pass, so a long clip never has to be held in memory whole.
+
+
+def probe(path) -> tuple[int, float, int, int]:
+    """(frame count, frames per second, width, height) of a clip. The count comes from the container's header where it
+    has one (MP4 does, WebM often does not), else from decoding the clip once. ValueError if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if path.suffix.lower() in (".webp", ".gif"):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                duration = im.info.get("duration") or 0
+                return getattr(im, "n_frames", 1), (1000 / duration if duration else 0.0), im.width, im.height
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read video {path}: {e}") from None
+    backend = available_backend()
+    if backend == "pyav":
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate or stream.base_rate or 0)
+                count = stream.frames or sum(1 for _ in container.decode(stream))
+                width, height = stream.codec_context.width, stream.codec_context.height
+        except (av.FFmpegError, IndexError) as e:
+            raise ValueError(f"cannot read video {path}: {e}") from None
+    elif backend == "imageio":
+        import imageio_ffmpeg
+
+        try:
+            reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+            info = next(reader)
+            reader.close()
+            count, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        except (OSError, RuntimeError, StopIteration) as e:
+            raise ValueError(f"cannot read video {path}: {e}") from None
+        fps, (width, height) = float(info["fps"]), info["size"]
+    else:
+        raise ValueError(f"reading {path.suffix} files needs PyAV or imageio-ffmpeg (pip install av)")
+    if not count:
+        raise ValueError(f"video {path} has no frames")
+    return count, fps, width, height
+
+
+def read_frames(path, indices):
+    """Yield the frames at `indices` (increasing frame numbers) of a clip as (H, W, 3) uint8 arrays, decoding it once
+    and stopping after the last one. ValueError if the clip cannot be read or is shorter than the indices."""
+    path, wanted = Path(path), list(indices)
+    if any(b <= a for a, b in zip(wanted, wanted[1:])) or (wanted and wanted[0] < 0):
+        raise ValueError(f"frame indices must increase from 0 or more, got {wanted}")
+    if not wanted:
+        return
+    if path.suffix.lower() in (".webp", ".gif"):
+        from PIL import Image, ImageSequence
+
+        def decoded():
+            with Image.open(path) as im:
+                for frame in ImageSequence.Iterator(im):
+                    yield np.asarray(frame.convert("RGB"))
+
+    elif available_backend() == "pyav":
+        import av
+
+        def decoded():
+            with av.open(str(path)) as container:
+                for frame in container.decode(container.streams.video[0]):
+                    yield frame.to_ndarray(format="rgb24")
+
+    elif available_backend() == "imageio":
+        import imageio_ffmpeg
+
+        def decoded():
+            reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+            try:
+                w, h = next(reader)["size"]
+                for raw in reader:
+                    yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+            finally:
+                reader.close()
+
+    else:
+        raise ValueError(f"reading {path.suffix} files needs PyAV or imageio-ffmpeg (pip install av)")
+    target, count = iter(wanted), 0
+    next_index = next(target)
+    try:
+        for count, frame in enumerate(decoded(), 1):
+            if count - 1 == next_index:
+                yield frame
+                next_index = next(target, None)
+                if next_index is None:
+                    return
+    except Exception as e:  # the decoders raise their own errors (av.FFmpegError, OSError, RuntimeError, ...)
+        raise ValueError(f"cannot read video {path}: {e}") from None
+    raise ValueError(f"video {path} has {count} frames; frame {next_index} was asked for")

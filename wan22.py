@@ -1,20 +1,21 @@
-"""Wan2.2 TI2V-5B (Alibaba's Wan team): text-to-video and image-to-video in plain PyTorch.
+"""Wan2.2 (Alibaba's Wan team): TI2V-5B (text- and image-to-video, one DiT) and T2V-A14B / I2V-A14B (two DiT experts,
+one for high noise and one for low noise) in plain PyTorch.
 
 Reads top to bottom: configs and variants; reading fp32 checkpoints straight into bf16; the umT5-XXL tokenizer (with
 the official prompt cleaning) and encoder (FLUX.1's T5 blocks, each with its own relative position bias); the Wan DiT
 (official key names, so `diffusion_pytorch_model-*.safetensors` loads as it is; diffusers' `transformer/` through one
-rename map); the Wan2.2 VAE (causal 3D convolutions streamed through a per-convolution cache; `Wan2.2_VAE.pth` names,
-diffusers' `vae/` through a rename map); LoRA names; loading; the pipeline.
+rename map); the Wan VAEs, 2.2 (TI2V-5B) and 2.1 (A14B), built from the same causal 3D convolutions streamed through a
+per-convolution cache (`Wan2.2_VAE.pth` / `Wan2.1_VAE.pth` names, diffusers' `vae/` through a rename map); LoRA names;
+loading; the pipeline.
 
-Video latents are (B, 48, F, H, W): F = 1 + (frames - 1) / 4 latent frames, H = height / 16, W = width / 16, and the
-DiT cuts them into 1x2x2 patches, so frame sides are multiples of 32 pixels and frame counts 4k + 1.
+Video latents are (B, C, F, H, W): F = 1 + (frames - 1) / 4 latent frames, H = height / s, W = width / s with C = 48,
+s = 16 for TI2V-5B's VAE and C = 16, s = 8 for A14B's; the DiT cuts them into 1x2x2 patches, so frame sides are
+multiples of 2 s pixels (32 or 16) and frame counts 4k + 1.
 
 Time convention: the official sampler feeds the DiT the integer timestep int(sigma * 1000) and reads its output as
 noise - x0, which is the shared convention of this project (sigma = 1 is noise, v = noise - x0). `velocity()` does the
-integer timestep, so every solver in solvers.py works with Wan.
-
-The A14B models (two experts, the Wan2.1 VAE) reuse the umT5 encoder, the DiT, the causal-convolution VAE parts and
-the sampling loop of this file.
+integer timestep, so every solver in solvers.py works with Wan. A14B's experts are chosen from the same integer
+timestep, as the official code chooses them (Variant.boundary).
 """
 
 import html
@@ -24,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -76,8 +78,10 @@ class WanParams:
 
 @dataclass
 class VAEParams:
-    """Wan2.2 VAE; defaults are `Wan2.2_VAE.pth` (`vae2_2.py`): a 160-wide encoder and 256-wide decoder, 48 latent
-    channels, 2x2 pixel patches in front (so 16x spatial and 4x temporal compression in all)."""
+    """The Wan VAEs; defaults are `Wan2.2_VAE.pth` (`vae2_2.py`): a 160-wide encoder and 256-wide decoder, 48 latent
+    channels, 2x2 pixel patches in front (so 16x spatial and 4x temporal compression in all), and parameter-free
+    shortcuts around each down/upsampling stage (`residual`). WAN21_VAE is `Wan2.1_VAE.pth` (`vae2_1.py`, the A14B
+    models'): 96 wide, 16 channels, no patchify, no shortcuts: 8x spatial, 4x temporal."""
 
     dim: int = 160
     dec_dim: int = 256
@@ -86,26 +90,57 @@ class VAEParams:
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     patch_size: int = 2
+    residual: bool = True
+
+
+WAN21_VAE = VAEParams(dim=96, dec_dim=96, z_dim=16, patch_size=1, residual=False)
 
 
 @dataclass
 class Variant:
     repo: str
-    # Sampling defaults: the official ones (configs/wan_ti2v_5B.py, generate.py's 1280*704 size, textimage2video.py).
+    # Sampling defaults: the official ones (Wan-Video/Wan2.2 configs/wan_*.py, configs/shared_config.py, generate.py's
+    # default --size per task).
     frames: int = 121
     fps: int = 24
     size: tuple[int, int] = (704, 1280)  # (height, width); with a first frame, only the area counts
     steps: int = 50
-    cfg: float = 5.0
+    cfg: float | tuple[float, float] = 5.0  # two experts: (low-noise, high-noise), the configs' sample_guide_scale
     shift: float = 5.0
     solver: str = "unipc"
     gated: bool = False
+    vae_file: str = "Wan2.2_VAE.pth"
+    pixels_per_token: int = 32  # frame sides are multiples of this: VAE stride x the DiT's 2x2 patches
+    image: str = "optional"  # a first frame: "optional" (TI2V), "required" (I2V-A14B) or "none" (T2V-A14B)
+    # Two experts (A14B): the high-noise one runs while the official integer timestep int(sigma * 1000) is at or above
+    # boundary * 1000 (text2video.py / image2video.py: `t.item() >= boundary * num_train_timesteps`), the low-noise one
+    # after. None: one DiT (TI2V-5B).
+    boundary: float | None = None
+    # Training (train.py): the share of clips trained as image-to-video, conditioned on their first frame (1 for
+    # I2V-A14B, whose DiT always takes the condition; TI2V-5B does both, so half, as LTX-2's recipe mixes them).
+    train_first_frame: float = 0.0
 
 
-VARIANTS = {"wan22-ti2v-5b": Variant("Wan-AI/Wan2.2-TI2V-5B")}
+A14B = dict(frames=81, fps=16, size=(720, 1280), steps=40, vae_file="Wan2.1_VAE.pth", pixels_per_token=16)
+VARIANTS = {
+    "wan22-ti2v-5b": Variant("Wan-AI/Wan2.2-TI2V-5B", train_first_frame=0.5),
+    "wan22-t2v-a14b": Variant(
+        "Wan-AI/Wan2.2-T2V-A14B", **A14B, cfg=(3.0, 4.0), shift=12.0, image="none", boundary=0.875
+    ),
+    "wan22-i2v-a14b": Variant(
+        "Wan-AI/Wan2.2-I2V-A14B",
+        **A14B,
+        cfg=(3.5, 3.5),
+        shift=5.0,
+        image="required",
+        boundary=0.9,
+        train_first_frame=1.0,
+    ),
+}
 DEFAULT_VARIANT = "wan22-ti2v-5b"
 TRAIN_VARIANT = "wan22-ti2v-5b"
-PIXELS_PER_TOKEN = 32  # 16x VAE (8x convolutions after a 2x2 pixel patchify), then 2x2 DiT patches
+PIXELS_PER_TOKEN = 32  # TI2V-5B: 16x VAE (8x convolutions after a 2x2 pixel patchify), then 2x2 DiT patches; A14B: 16
+NUM_TRAIN_TIMESTEPS = 1000  # the official timestep is int(sigma * 1000)
 TEMPORAL_STRIDE = 4  # the VAE keeps the first frame and folds every 4 after it into one latent frame: 4k + 1 frames
 
 # The official default negative prompt (Wan-Video/Wan2.2 configs/shared_config.py `sample_neg_prompt`). The official
@@ -129,6 +164,16 @@ WAN22_VAE_STD = (
     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
 )  # fmt: skip
+# The Wan2.1 VAE's (official vae2_1.py), for the A14B models.
+WAN21_VAE_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_VAE_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+VAE_STATISTICS = {48: (WAN22_VAE_MEAN, WAN22_VAE_STD), 16: (WAN21_VAE_MEAN, WAN21_VAE_STD)}  # by latent channels
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading weights into a dtype. The official DiT checkpoints are float32 (TI2V-5B ~20 GB, each A14B expert ~57 GB):
@@ -639,12 +684,15 @@ def load_transformer(folder, device="cpu", dtype=torch.bfloat16) -> WanModel:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Wan2.2 VAE (wan/modules/vae2_2.py; key names mirror it). Causal 3D convolutions: a frame only sees itself and earlier
-# frames, so a video can go through in pieces, each convolution carrying the last input frames it saw into the next
-# piece (CACHE_T). The official code sends the first frame alone, then 4 frames at a time (encoding) or one latent frame
-# at a time (decoding), and its temporal down/upsampling layers treat the very first frame apart. Here that rule is
-# written so that any split gives the same result: each stateful layer (CausalConv3d, Resample, DupUp3D) keeps what it
-# needs across calls, and Encoder3d/Decoder3d reset it at the start of each clip. Chunked and one-shot runs are equal.
+# The Wan VAEs (wan/modules/vae2_2.py and vae2_1.py; key names mirror them). Both are built from the same causal
+# layers: Wan2.2 groups each encoder/decoder stage into a DownBlock/UpBlock with a parameter-free shortcut around it and
+# patchifies the pixels 2x2; Wan2.1 lists the same residual blocks and resamplings flat, and halves the width at each
+# upsampling. Causal 3D convolutions: a frame only sees itself and earlier frames, so a video can go through in pieces,
+# each convolution carrying the last input frames it saw into the next piece (CACHE_T). The official code sends the
+# first frame alone, then 4 frames at a time (encoding) or one latent frame at a time (decoding), and its temporal
+# down/upsampling layers treat the very first frame apart. Here that rule is written so that any split gives the same
+# result: each stateful layer (CausalConv3d, Resample, DupUp3D) keeps what it needs across calls, and
+# Encoder3d/Decoder3d reset it at the start of each clip. Chunked and one-shot runs are equal.
 
 CACHE_T = 2
 
@@ -866,18 +914,31 @@ def middle(dim: int) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
+def down_stage(p: VAEParams, in_dim: int, out_dim: int, temporal: bool, down: bool) -> list[nn.Module]:
+    """Wan2.1's encoder stage, as a flat list: residual blocks, then the downsampling (the last stage has none)."""
+    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(p.num_res_blocks)]
+    return layers + ([Resample(out_dim, "downsample3d" if temporal else "downsample2d")] if down else [])
+
+
+def up_stage(p: VAEParams, in_dim: int, out_dim: int, temporal: bool, up: bool) -> list[nn.Module]:
+    """Wan2.1's decoder stage, flat: one more residual block than the encoder's, then an upsampling that halves the
+    width (so every stage after the first starts from half the width before it)."""
+    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(p.num_res_blocks + 1)]
+    mode = "upsample3d" if temporal else "upsample2d"
+    return layers + ([Resample(out_dim, mode, out_dim // 2)] if up else [])
+
+
 class Encoder3d(nn.Module):
     def __init__(self, p: VAEParams):
         super().__init__()
         dims = [p.dim * m for m in (1, *p.dim_mult)]
         last = len(p.dim_mult) - 1
         self.conv1 = CausalConv3d(3 * p.patch_size**2, dims[0], 3, padding=1)
-        self.downsamples = nn.Sequential(
-            *(
-                DownBlock(dims[i], dims[i + 1], p.num_res_blocks, i < last and p.temporal_downsample[i], i != last)
-                for i in range(len(p.dim_mult))
-            )
-        )
+        stages = [(dims[i], dims[i + 1], i < last and p.temporal_downsample[i], i != last) for i in range(last + 1)]
+        if p.residual:
+            self.downsamples = nn.Sequential(*(DownBlock(a, b, p.num_res_blocks, t, d) for a, b, t, d in stages))
+        else:
+            self.downsamples = nn.Sequential(*(m for stage in stages for m in down_stage(p, *stage)))
         self.middle = middle(dims[-1])
         self.head = head(dims[-1], 2 * p.z_dim)
 
@@ -904,12 +965,12 @@ class Decoder3d(nn.Module):
         temporal = p.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(p.z_dim, dims[0], 3, padding=1)
         self.middle = middle(dims[0])
-        self.upsamples = nn.Sequential(
-            *(
-                UpBlock(dims[i], dims[i + 1], p.num_res_blocks, i < last and temporal[i], i != last)
-                for i in range(len(mult))
-            )
-        )
+        stages = [(dims[i], dims[i + 1], i < last and temporal[i], i != last) for i in range(last + 1)]
+        if p.residual:
+            self.upsamples = nn.Sequential(*(UpBlock(a, b, p.num_res_blocks, t, u) for a, b, t, u in stages))
+        else:  # each stage after the first gets the halved width of the upsampling before it
+            stages = [(a // 2 if i else a, b, t, u) for i, (a, b, t, u) in enumerate(stages)]
+            self.upsamples = nn.Sequential(*(m for stage in stages for m in up_stage(p, *stage)))
         self.head = head(dims[-1], 3 * p.patch_size**2)
 
     def forward(self, z: Tensor, chunk: int | None = 1, progress=None) -> Tensor:
@@ -984,7 +1045,8 @@ def ramps(n: int, width: int, rise: bool, fall: bool, like: Tensor) -> Tensor:
 
 
 class WanVAE(nn.Module):
-    """Pixels in [-1, 1] (B, 3, 1 + 4k, H, W) <-> normalised latents (B, z_dim, 1 + k, H/16, W/16)."""
+    """Pixels in [-1, 1] (B, 3, 1 + 4k, H, W) <-> normalised latents (B, z_dim, 1 + k, H/s, W/s), s = `stride`
+    (16 for Wan2.2, 8 for Wan2.1)."""
 
     def __init__(self, params: VAEParams):
         super().__init__()
@@ -1009,7 +1071,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"frame sides must be multiples of {self.stride} pixels for the VAE, got {width}x{height}")
 
     def encode(self, pixels: Tensor, chunk: int | None = 4, tile: int | None = None, overlap: int = 4) -> Tensor:
-        """Pixels in [-1, 1] (B, 3, 1 + 4k, H, W) -> normalised latents (B, z_dim, 1 + k, H/16, W/16), the posterior
+        """Pixels in [-1, 1] (B, 3, 1 + 4k, H, W) -> normalised latents (B, z_dim, 1 + k, H/s, W/s), the posterior
         mean as the official pipelines use it. chunk: see Encoder3d. tile (latent pixels, with `overlap`): encode
         overlapping spatial tiles and blend them, for frames too large for memory."""
         *_, t, h, w = pixels.shape
@@ -1022,14 +1084,15 @@ class WanVAE(nn.Module):
             mu = self.conv1(self.encoder(vae_patchify(x.to(dtype), self.params.patch_size), chunk))
             return mu[:, : self.params.z_dim].float()
 
-        mu = run(pixels) if tile is None else tiled(run, pixels, tile * self.stride, overlap * self.stride, 1 / 16)
+        s = self.stride
+        mu = run(pixels) if tile is None else tiled(run, pixels, tile * s, overlap * s, 1 / s)
         shape = (1, -1, 1, 1, 1)  # official: (mu - mean) * (1 / std)
         return (mu - self.mean.view(shape)) * (1.0 / self.std).view(shape)
 
     def decode(
         self, z: Tensor, chunk: int | None = 1, tile: int | None = None, overlap: int = 4, progress=None
     ) -> Tensor:
-        """Normalised latents (B, z_dim, F, h, w) -> pixels in [-1, 1] (B, 3, 1 + 4 (F - 1), 16 h, 16 w), clamped as
+        """Normalised latents (B, z_dim, F, h, w) -> pixels in [-1, 1] (B, 3, 1 + 4 (F - 1), s h, s w), clamped as
         the official decode. chunk: latent frames per decoder call (1, the official, needs the least memory; the
         result does not depend on it). tile, overlap (latent pixels): decode overlapping spatial tiles and blend them
         (bounded memory for large frames; see `tiled`)."""
@@ -1045,69 +1108,94 @@ class WanVAE(nn.Module):
         return x.clamp(-1, 1)
 
 
-# diffusers' AutoencoderKLWan names (the -Diffusers repos' `vae/`) -> Wan2.2_VAE.pth names, the inverse of diffusers'
-# scripts/convert_wan_to_diffusers.py convert_vae_22. Residual-block parts first, then the blocks; {R} is
-# num_res_blocks, which indexes the down/upsampling layer after the residual blocks of a stage.
-VAE_FROM_DIFFUSERS = [
-    (r"(resnets\.\d+)\.norm1\.", r"\1.residual.0."),
-    (r"(resnets\.\d+)\.conv1\.", r"\1.residual.2."),
-    (r"(resnets\.\d+)\.norm2\.", r"\1.residual.3."),
-    (r"(resnets\.\d+)\.conv2\.", r"\1.residual.6."),
-    (r"(resnets\.\d+)\.conv_shortcut\.", r"\1.shortcut."),
+# diffusers' AutoencoderKLWan names (the -Diffusers repos' `vae/`) -> the official .pth names, the inverse of diffusers'
+# converters (Wan2.2: scripts/convert_wan_to_diffusers.py convert_vae_22; Wan2.1: single_file_utils.
+# convert_wan_vae_to_diffusers). Residual-block parts first, then the blocks; {R} is num_res_blocks. Wan2.2: stage i's
+# residual blocks are downsamples.i.downsamples.j, its resampling downsamples.i.downsamples.{R} (decoder: {R+1}).
+# Wan2.1 lists every stage flat: the encoder's layers keep diffusers' numbering, the decoder's stage b holds R + 1
+# residual blocks and an upsampling, so its layer j is upsamples.(b (R + 2) + j).
+VAE_PARTS_FROM_DIFFUSERS = [
+    (r"((?:resnets|down_blocks)\.\d+)\.norm1\.", r"\1.residual.0."),
+    (r"((?:resnets|down_blocks)\.\d+)\.conv1\.", r"\1.residual.2."),
+    (r"((?:resnets|down_blocks)\.\d+)\.norm2\.", r"\1.residual.3."),
+    (r"((?:resnets|down_blocks)\.\d+)\.conv2\.", r"\1.residual.6."),
+    (r"((?:resnets|down_blocks)\.\d+)\.conv_shortcut\.", r"\1.shortcut."),
     (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
     (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
     (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsampler\.", r"encoder.downsamples.\1.downsamples.{R}."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsampler\.", r"decoder.upsamples.\1.upsamples.{R+1}."),
     (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
     (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
     (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
     (r"^quant_conv\.", "conv1."),
     (r"^post_quant_conv\.", "conv2."),
 ]
+VAE22_FROM_DIFFUSERS = [
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsampler\.", r"encoder.downsamples.\1.downsamples.{R}."),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
+    (r"^decoder\.up_blocks\.(\d+)\.upsampler\.", r"decoder.upsamples.\1.upsamples.{R+1}."),
+]
 
 
 def vae_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    r = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
-    rules = [(p, s.replace("{R}", str(r)).replace("{R+1}", str(r + 1))) for p, s in VAE_FROM_DIFFUSERS]
+    grouped = any(k.startswith("encoder.down_blocks.0.resnets.") for k in sd)  # Wan2.2's stages
+    if grouped:
+        r = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
+        rules = [(p, s.replace("{R}", str(r)).replace("{R+1}", str(r + 1))) for p, s in VAE22_FROM_DIFFUSERS]
+    else:
+        r = len({k.split(".")[4] for k in sd if k.startswith("decoder.up_blocks.0.resnets.")}) - 1
+        layer = lambda block, j: f"decoder.upsamples.{int(block) * (r + 2) + j}."  # noqa: E731
+        rules = [
+            (r"^encoder\.down_blocks\.(\d+)\.", r"encoder.downsamples.\1."),
+            (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: layer(m[1], int(m[2]))),
+            (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: layer(m[1], r + 1)),
+        ]
+    rules = VAE_PARTS_FROM_DIFFUSERS + rules
     return {rename(k, rules): v for k, v in sd.items()}
 
 
 def vae_params(sd: dict[str, Tensor]) -> VAEParams:
-    if "encoder.conv1.weight" not in sd or "decoder.upsamples.0.upsamples.0.residual.2.weight" not in sd:
-        raise ValueError("not a Wan2.2 VAE checkpoint (no encoder.conv1 / decoder.upsamples.0.upsamples.0 weights)")
+    """The VAE's hyper-parameters from the official names and shapes (Wan2.2's grouped stages or Wan2.1's flat ones)."""
+    if "encoder.conv1.weight" not in sd or "decoder.head.2.weight" not in sd:
+        raise ValueError("not a Wan VAE checkpoint (no encoder.conv1 / decoder.head.2 weights)")
     dim, in_channels = sd["encoder.conv1.weight"].shape[:2]
-    stages = len({k.split(".")[2] for k in sd if k.startswith("encoder.downsamples.")})
-    res = {int(k.split(".")[4]) for k in sd if k.startswith("encoder.downsamples.0.downsamples.") and ".residual." in k}
-    mult = [sd[f"encoder.downsamples.{i}.downsamples.0.residual.6.weight"].shape[0] // dim for i in range(stages)]
-    temporal = [f"encoder.downsamples.{i}.downsamples.{len(res)}.time_conv.weight" in sd for i in range(stages - 1)]
-    return VAEParams(
-        dim=dim,
-        dec_dim=sd["decoder.head.2.weight"].shape[1],
-        z_dim=sd["conv2.weight"].shape[0],
-        dim_mult=tuple(mult),
-        num_res_blocks=len(res),
-        temporal_downsample=tuple(temporal),
-        patch_size=round((in_channels // 3) ** 0.5),
-    )
+    z_dim, dec_dim = sd["conv2.weight"].shape[0], sd["decoder.head.2.weight"].shape[1]
+    patch_size = round((in_channels // 3) ** 0.5)
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd:  # Wan2.2: downsamples.<stage>.downsamples.<layer>
+        stages = len({k.split(".")[2] for k in sd if k.startswith("encoder.downsamples.")})
+        first = "encoder.downsamples.0.downsamples."
+        res = {int(k.split(".")[4]) for k in sd if k.startswith(first) and ".residual." in k}
+        mult = [sd[f"encoder.downsamples.{i}.downsamples.0.residual.6.weight"].shape[0] // dim for i in range(stages)]
+        temporal = [f"encoder.downsamples.{i}.downsamples.{len(res)}.time_conv.weight" in sd for i in range(stages - 1)]
+        return VAEParams(dim, dec_dim, z_dim, tuple(mult), len(res), tuple(temporal), patch_size, residual=True)
+    if "decoder.upsamples.0.residual.2.weight" not in sd:
+        raise ValueError("not a Wan VAE checkpoint (neither Wan2.2's nor Wan2.1's decoder.upsamples layout)")
+    # Wan2.1: encoder.downsamples.<layer>, a Resample (resample.1 weights) closing every stage but the last.
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
+    resamples = [i for i in layers if f"encoder.downsamples.{i}.resample.1.weight" in sd]
+    num_res = resamples[0] if resamples else len(layers)
+    starts = [0] + [i + 1 for i in resamples]  # each stage's first residual block
+    mult = [sd[f"encoder.downsamples.{i}.residual.6.weight"].shape[0] // dim for i in starts]
+    temporal = [f"encoder.downsamples.{i}.time_conv.weight" in sd for i in resamples]
+    return VAEParams(dim, dec_dim, z_dim, tuple(mult), num_res, tuple(temporal), patch_size, residual=False)
 
 
 def load_vae(path, device="cpu", dtype=torch.float32) -> WanVAE:
-    """`Wan2.2_VAE.pth` (official names; float32, like the official pipelines run it) or a diffusers `vae/` folder,
-    whose config.json carries the latent statistics."""
+    """`Wan2.2_VAE.pth` / `Wan2.1_VAE.pth` (official names; float32, like the official pipelines run them) or a
+    diffusers `vae/` folder, whose config.json carries the latent statistics (the .pth files take the official ones)."""
     path = Path(path)
     if path.is_dir():
         config = read_config(path)
         state_dict = vae_from_diffusers(read_weights_as(path, lambda k: dtype))
         mean, std = config.get("latents_mean"), config.get("latents_std")
     else:
-        state_dict, mean, std = read_weights_as(path, lambda k: dtype), WAN22_VAE_MEAN, WAN22_VAE_STD
+        state_dict, mean, std = read_weights_as(path, lambda k: dtype), None, None
     try:
         params = vae_params(state_dict)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if mean is None and not path.is_dir():
+        mean, std = VAE_STATISTICS.get(params.z_dim, (None, None))
     if mean is None or len(mean) != params.z_dim or len(std) != params.z_dim:
         raise ValueError(f"{path}: expected {params.z_dim} latents_mean/latents_std values in its config.json")
     with torch.device("meta"):
@@ -1151,22 +1239,28 @@ def lora_aliases(model: nn.Module) -> dict[str, list[tuple[str, slice, slice]]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading. Two layouts: the official repo (Wan-AI/Wan2.2-TI2V-5B: config.json and sharded DiT safetensors at the root,
-# Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/) and the diffusers one (Wan-AI/Wan2.2-TI2V-5B-
-# Diffusers: transformer/, vae/, text_encoder/, tokenizer/).
+# Loading. The official repos: Wan-AI/Wan2.2-TI2V-5B (config.json and sharded DiT safetensors at the root,
+# Wan2.2_VAE.pth) and Wan-AI/Wan2.2-{T2V,I2V}-A14B (the experts in high_noise_model/ and low_noise_model/, each a
+# config.json and sharded safetensors in Wan's names, Wan2.1_VAE.pth), all with models_t5_umt5-xxl-enc-bf16.pth and
+# google/umt5-xxl/. Their -Diffusers twins: transformer/ (A14B: the high-noise expert) and transformer_2/ (the low-noise
+# one), vae/, text_encoder/, tokenizer/.
 
-OFFICIAL_FILES = {
-    "vae": "Wan2.2_VAE.pth",
-    "text_encoder": "models_t5_umt5-xxl-enc-bf16.pth",
-    "tokenizer": "google/umt5-xxl/tokenizer.json",
-}
+OFFICIAL_FILES = {"text_encoder": "models_t5_umt5-xxl-enc-bf16.pth", "tokenizer": "google/umt5-xxl/tokenizer.json"}
+EXPERT_FOLDERS = {"official": ("high_noise_model", "low_noise_model"), "diffusers": ("transformer", "transformer_2")}
 
 
 def component_files(v: Variant) -> list[str]:
-    return ["config.json", "diffusion_pytorch_model*", *OFFICIAL_FILES.values(), "google/umt5-xxl/*"]
+    dit = [f"{folder}/*" for folder in EXPERT_FOLDERS["official"]] if v.boundary else ["config.json", "diffusion_*"]
+    return [*dit, v.vae_file, OFFICIAL_FILES["text_encoder"], "google/umt5-xxl/*"]
 
 
 def detect_variant(root: Path) -> str:
+    """A14B when the folder holds two experts (I2V when they take 36 input channels), else TI2V-5B."""
+    for layout, (high, low) in EXPERT_FOLDERS.items():
+        if (root / low).is_dir() and (root / high / "config.json").is_file():
+            config = read_config(root / high)
+            in_dim = config.get("in_dim" if layout == "official" else "in_channels")
+            return "wan22-i2v-a14b" if in_dim == 36 else "wan22-t2v-a14b"
     return DEFAULT_VARIANT
 
 
@@ -1179,34 +1273,50 @@ def load(
     vae_dtype: torch.dtype = torch.float32,
 ) -> "WanPipeline":
     """Load the pipeline from a variant name (downloads the official repo from Hugging Face) or a folder laid out like
-    the official repo or like its -Diffusers twin. The DiT and umT5 compute in `dtype`; the VAE runs in float32 by
-    default, as in the official pipelines (`vae_dtype=torch.bfloat16` halves its memory). progress: a bar over the
-    parts."""
+    the official repo or like its -Diffusers twin. The DiT(s) and umT5 compute in `dtype` (the float32 experts are
+    converted while read, see read_weights_as); the VAE runs in float32 by default, as in the official pipelines
+    (`vae_dtype=torch.bfloat16` halves its memory). progress: a bar over the parts."""
     root, variant = flux1.locate(name_or_path, variant, VARIANTS, "Wan2.2", detect_variant, component_files)
-    if (root / "transformer").is_dir():
+    v, found = VARIANTS[variant], detect_variant(root)
+    if found != variant and (v.boundary or VARIANTS[found].boundary):  # one DiT or two, T2V or I2V: say which
+        raise ValueError(f"{root} holds the {found} model, not {variant}: run it as {found}")
+    layout = "diffusers" if (root / "transformer").is_dir() else "official"
+    if layout == "diffusers":
         parts = {"dit": root / "transformer", "vae": root / "vae", "text_encoder": root / "text_encoder"}
         tokenizer = root / "tokenizer" / "tokenizer.json"
     else:
-        parts = {"dit": root, **{k: root / OFFICIAL_FILES[k] for k in ("vae", "text_encoder")}}
+        dit = root / EXPERT_FOLDERS["official"][0] if v.boundary else root
+        parts = {"dit": dit, "vae": root / v.vae_file, "text_encoder": root / OFFICIAL_FILES["text_encoder"]}
         tokenizer = root / OFFICIAL_FILES["tokenizer"]
-        if not (root / "config.json").is_file():
+        if not (dit / "config.json").is_file():
+            where = "high_noise_model/, low_noise_model/" if v.boundary else "config.json, diffusion_pytorch_model*"
             raise FileNotFoundError(
-                f"{root}: expected the official Wan2.2 layout (config.json, diffusion_pytorch_model*.safetensors, "
+                f"{root}: expected the official {variant} layout ({where}, {v.vae_file}, "
                 f"{', '.join(OFFICIAL_FILES.values())}) or the diffusers one (transformer/, vae/, text_encoder/, "
                 "tokenizer/)"
             )
+    if v.boundary:
+        parts["dit_2"] = root / EXPERT_FOLDERS[layout][1]
     for name, path in parts.items():
         if not path.exists():
             raise FileNotFoundError(f"{root}: missing {path.relative_to(root)} ({name})")
     tokenizer = UMT5Tokenizer(tokenizer)
-    with flux1.loading_bar(variant, 3, progress) as bar:
-        transformer = load_transformer(parts["dit"], device, dtype)
+    with flux1.loading_bar(variant, len(parts), progress) as bar:
+        transformer = load_transformer(parts["dit"], device, dtype)  # A14B: the high-noise expert
         bar.update()
+        transformer_2 = None
+        if "dit_2" in parts:  # the low-noise expert, loaded after the first is on its device (host peak: one expert)
+            transformer_2 = load_transformer(parts["dit_2"], device, dtype)
+            bar.update()
         text_encoder = load_umt5(parts["text_encoder"], device, dtype)
         bar.update()
         vae = load_vae(parts["vae"], device, vae_dtype)
         bar.update()
-    return WanPipeline(transformer, vae, text_encoder, tokenizer, variant)
+    z = vae.params.z_dim
+    for dit in (transformer, transformer_2):  # z noisy channels, or (I2V) z + the 4-channel frame mask + z condition
+        if dit is not None and dit.params.in_dim not in (z, 2 * z + 4):
+            raise ValueError(f"{root}: the DiT takes {dit.params.in_dim} input channels; the VAE has {z}")
+    return WanPipeline(transformer, vae, text_encoder, tokenizer, variant, transformer_2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1245,20 +1355,42 @@ def best_output_size(w: int, h: int, dw: int, dh: int, area: int) -> tuple[int, 
     return ow2, oh2
 
 
+def open_first_frame(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the first-frame image {image}: {e}") from None
+
+
 def first_frame(image, height: int, width: int) -> Tensor:
-    """The image-to-video first frame (1, 3, H, W) in [-1, 1], as the official TI2V code prepares it: an output size
-    of the same area as height x width with the image's aspect ratio (best_output_size, multiples of 32), the image
-    resized to cover it (Lanczos) and center-cropped. A tensor is taken as it is."""
+    """The TI2V-5B first frame (1, 3, H, W) in [-1, 1], as the official TI2V code prepares it: an output size of the
+    same area as height x width with the image's aspect ratio (best_output_size, multiples of 32), the image resized to
+    cover it (Lanczos) and center-cropped. A tensor is taken as it is."""
     if isinstance(image, Tensor):
         return image if image.dim() == 4 else image[None]
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as im:
-                image = ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the first-frame image {image}: {e}") from None
+    image = open_first_frame(image)
     ow, oh = best_output_size(image.width, image.height, PIXELS_PER_TOKEN, PIXELS_PER_TOKEN, height * width)
     return image_to_tensor(image, oh, ow, PIXELS_PER_TOKEN)
+
+
+def i2v_first_frame(image, height: int, width: int, vae_stride: int = 8, patch: int = 2) -> Tensor:
+    """The I2V-A14B first frame (1, 3, h, w) in [-1, 1], as the official image2video.py prepares it: latent sides
+    sqrt(area * aspect) // vae_stride rounded down to a multiple of the DiT patch (area = height x width, the image's
+    own aspect ratio), the image scaled to them bicubically as a [-1, 1] tensor (no crop, no clamp: the official
+    F.interpolate). A tensor is taken as it is."""
+    if isinstance(image, Tensor):
+        return image if image.dim() == 4 else image[None]
+    image = open_first_frame(image)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    aspect, area = image.height / image.width, height * width
+    lat_h = round(math.sqrt(area * aspect) // vae_stride // patch * patch)
+    lat_w = round(math.sqrt(area / aspect) // vae_stride // patch * patch)
+    if lat_h < patch or lat_w < patch:
+        raise ValueError(f"the first frame ({image.width}x{image.height}) is too narrow for a {width}x{height} area")
+    return F.interpolate(x[None], size=(lat_h * vae_stride, lat_w * vae_stride), mode="bicubic")
 
 
 def to_frames(pixels: Tensor) -> Tensor:
@@ -1266,12 +1398,39 @@ def to_frames(pixels: Tensor) -> Tensor:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
+def cfg_pair(cfg, experts: bool) -> tuple[float, float]:
+    """A CFG setting -> (low-noise expert's, high-noise expert's) scale: one number serves both (official)."""
+    if isinstance(cfg, tuple | list):
+        if not experts or len(cfg) != 2:
+            raise ValueError(f"cfg {cfg}: a pair (low-noise, high-noise) is for the two-expert A14B models")
+        return float(cfg[0]), float(cfg[1])
+    return float(cfg), float(cfg)
+
+
 class WanPipeline:
-    def __init__(self, transformer: WanModel, vae: WanVAE, text_encoder: UMT5Encoder, tokenizer, variant: str):
-        self.transformer, self.vae = transformer, vae
+    """TI2V-5B (one DiT) or A14B (`transformer` the high-noise expert, `transformer_2` the low-noise one, as diffusers
+    names them; velocity() sends each sample to the expert its timestep selects)."""
+
+    # With offload.enable_model_offload, the DiTs stay on the device from one call to the next until another part
+    # runs: each expert is copied once per generation (the low-noise one replaces the high-noise one at the boundary),
+    # not once per call.
+    offload_stays = ("transformer", "transformer_2")
+
+    def __init__(
+        self,
+        transformer: WanModel,
+        vae: WanVAE,
+        text_encoder: UMT5Encoder,
+        tokenizer,
+        variant: str,
+        transformer_2: WanModel | None = None,
+    ):
+        self.transformer, self.transformer_2, self.vae = transformer, transformer_2, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.variant = variant
         self.defaults = VARIANTS[variant]
+        if (transformer_2 is None) != (self.defaults.boundary is None):
+            raise ValueError(f"{variant} has {'two experts' if self.defaults.boundary else 'one DiT'}")
 
     @property
     def ae(self) -> WanVAE:  # the other families' name for the autoencoder (train.py reads it)
@@ -1282,6 +1441,23 @@ class WanPipeline:
         """Where sampling runs: the transformer's device, unless offload.py set an execution device."""
         return getattr(self, "execution_device", None) or self.transformer.patch_embedding.weight.device
 
+    @property
+    def pixels_per_token(self) -> int:
+        """Frame sides are multiples of this: the VAE's stride times the DiT's patch (TI2V-5B 32, A14B 16)."""
+        return self.vae.stride * self.transformer.params.patch_size[1]
+
+    def experts(self) -> dict[str, WanModel]:
+        """{"high": the high-noise expert, "low": the low-noise one}, or {"": the DiT} (TI2V-5B)."""
+        if self.transformer_2 is None:
+            return {"": self.transformer}
+        return {"high": self.transformer, "low": self.transformer_2}
+
+    def high_noise(self, sigma) -> Tensor:
+        """(B,) bool: whether the high-noise expert denoises at sigma (a float or (B,)), by the official rule: the
+        integer timestep int(sigma * 1000) at or above boundary * 1000."""
+        t = model_timestep(torch.as_tensor(sigma.detach().cpu() if isinstance(sigma, Tensor) else sigma))
+        return t.reshape(-1) >= self.defaults.boundary * NUM_TRAIN_TIMESTEPS
+
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict[str, Tensor]:
         """umT5 states (B, 512, 4096) of the cleaned prompts, zero past each prompt's </s>."""
@@ -1289,38 +1465,116 @@ class WanPipeline:
         device = self.text_encoder.shared.weight.device
         return {"context": self.text_encoder(ids.to(device), mask.to(device))}
 
-    def velocity(self, x: Tensor, sigma, cond: dict[str, Tensor], first_frame: bool = False) -> Tensor:
-        """x (B, 48, F, H/16, W/16) latents at noise level sigma (float or (B,)) -> velocity (noise - x0) in float32.
-        The DiT sees the official integer timestep int(sigma * 1000). first_frame: latent frame 0 holds a clean
-        conditioning image (image-to-video), so its tokens get timestep 0, as in the official TI2V code."""
+    def velocity(
+        self, x: Tensor, sigma, cond: dict[str, Tensor], first_frame=False, condition: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, F, H/s, W/s) latents at noise level sigma (float or (B,)) -> velocity (noise - x0) in float32. The
+        DiT sees the official integer timestep int(sigma * 1000); with two experts each sample goes to the one its
+        timestep selects (high_noise).
+
+        first_frame (TI2V-5B image-to-video): latent frame 0 holds a clean conditioning image, so its tokens get
+        timestep 0, as in the official TI2V code; True, or a (B,) bool tensor for some samples of a batch.
+        condition (I2V-A14B): the first frame's (B, 4 + C, F, H/s, W/s) frame mask and latents (image_condition),
+        appended to x's channels as the official model does with its `y`."""
         b, _, f, h, w = x.shape
         if h % 2 or w % 2:
-            raise ValueError(f"latent size {h}x{w} must be even (frame sides a multiple of {PIXELS_PER_TOKEN})")
-        if isinstance(sigma, Tensor):
-            sigma = sigma.detach().cpu()
-        t = model_timestep(torch.as_tensor(sigma, dtype=torch.float64).expand(b)).float().to(x.device)[:, None]
-        if first_frame:
-            t = t.expand(b, f).clone()
-            t[:, 0] = 0
+            raise ValueError(f"latent size {h}x{w} must be even (frame sides a multiple of {self.pixels_per_token})")
+        sigma = sigma.detach().cpu() if isinstance(sigma, Tensor) else sigma
+        t = model_timestep(torch.as_tensor(sigma, dtype=torch.float64).expand(b)).float()
+        if condition is not None:
+            x = torch.cat([x, condition.to(x).expand(b, -1, -1, -1, -1)], dim=1)
+        if x.shape[1] != self.transformer.params.in_dim:
+            need = "the first frame's condition (image=)" if x.shape[1] < self.transformer.params.in_dim else "no"
+            raise ValueError(f"{self.variant} takes {self.transformer.params.in_dim} latent channels: {need} condition")
+        timesteps = t[:, None]
+        if first_frame is not False:  # frame 0 at t = 0 where it is a clean condition
+            timesteps = t[:, None].expand(b, f).clone()
+            timesteps[:, 0] = torch.where(torch.as_tensor(first_frame).cpu(), 0.0, timesteps[:, 0])
+        timesteps = timesteps.to(x.device)
         context = cond["context"].to(x.device)
         if context.shape[0] != b:
             context = context.expand(b, -1, -1)
-        return self.transformer(x, t, context)
+        if self.transformer_2 is None:
+            return self.transformer(x, timesteps, context)
+        high = self.high_noise(sigma).expand(b)
+        if high.all() or not high.any():
+            return (self.transformer if high[0] else self.transformer_2)(x, timesteps, context)
+        out = None  # a batch across the boundary (training draws): each expert takes its samples
+        for expert, rows in ((self.transformer, high), (self.transformer_2, ~high)):
+            rows = rows.to(x.device)
+            v = expert(x[rows], timesteps[rows], context[rows])
+            out = v.new_empty(b, *v.shape[1:]) if out is None else out
+            out[rows] = v
+        return out
 
-    def load_lora(self, path, scale: float = 1.0, strict: bool = False) -> list[str]:
+    def load_lora(self, path, scale: float = 1.0, strict: bool = False, expert: str | None = None) -> list[str]:
         """Apply a LoRA file (ComfyUI `diffusion_model.blocks...`, kohya/musubi `lora_unet_blocks_...`, diffusers/PEFT
         `transformer.blocks...`, OneTrainer keys; see lora.py) to the DiT (and umT5) at `scale`; returns the layers it
-        changed. Several files stack. What cannot be applied is named in a warning, or with `strict` a ValueError."""
-        components = {"transformer": self.transformer, "text_encoder": self.text_encoder}
-        return lora.load(path, components, scale, {"transformer": lora_aliases(self.transformer)}, strict)
+        changed. Several files stack. What cannot be applied is named in a warning, or with `strict` a ValueError.
+
+        Two experts (A14B): Wan2.2 LoRAs come in pairs, one file per expert (ai-toolkit's `*_high_noise.safetensors` /
+        `*_low_noise.safetensors`): a file named so goes to that expert, any other to both (a LoRA trained on one model
+        for both, or for Wan2.1-14B). expert "high", "low" or "both" overrides the name."""
+        experts = self.experts()
+        if expert is None and len(experts) == 2:
+            stem = Path(path).stem.lower()
+            expert = next((e for e in ("high", "low") if re.search(rf"{e}[_-]?noise", stem)), "both")
+        if expert not in (None, "both", *experts):
+            raise ValueError(f"expert must be 'high', 'low' or 'both' for {self.variant}, not {expert!r}")
+        targets = [(n, m) for n, m in experts.items() if expert in (None, "both", n)]
+        changed = []
+        for i, (name, model) in enumerate(targets):
+            components = {"transformer": model} | ({"text_encoder": self.text_encoder} if i == 0 else {})
+            layers = lora.load(path, components, scale, {"transformer": lora_aliases(model)}, strict)
+            attribute = "transformer_2" if name == "low" else "transformer"
+            changed += [c.replace("transformer.", f"{attribute}.", 1) for c in layers]
+        return changed
+
+    # -- training rules (train.py): the noise levels each expert learns, and image-to-video clips
 
     def training_kwargs(self) -> dict:
         return {}
 
+    def expert_sigmas(self, expert: str) -> tuple[float, float]:
+        """The noise levels an expert denoises, so the ones it is trained on: the high-noise expert from the boundary
+        up, the low-noise one below it (the official split, sampled as musubi-tuner's --preserve_distribution_shape
+        and diffusion-pipe do: the training distribution cut at the boundary); the one DiT of TI2V-5B all of them."""
+        if expert == "":
+            return 0.0, 1.0
+        boundary = self.defaults.boundary
+        # Below the boundary means a timestep int(sigma * 1000) < boundary * 1000: sigma just under the boundary.
+        return (boundary, 1.0) if expert == "high" else (0.0, math.nextafter(boundary, 0.0))
+
+    @torch.no_grad()
+    def training_condition(self, pixels: Tensor) -> dict[str, Tensor]:
+        """What an image-to-video training clip (B, 3, F, H, W) in [-1, 1] caches beside its latents: I2V-A14B's
+        condition of its first frame (image_condition, as the official pipeline builds it and musubi-tuner caches it);
+        nothing for TI2V-5B, whose condition is the clip's own first latent frame (the VAE is causal)."""
+        if self.transformer.params.in_dim == self.vae.params.z_dim:
+            return {}
+        return {"condition": self.image_condition(pixels[:, :, 0], pixels.shape[2])}
+
+    def training_inputs(self, x0: Tensor, x_sigma: Tensor, first_frame: Tensor, extras: dict):
+        """(x_sigma, velocity() keywords, loss weights or None) for a training batch whose samples `first_frame`
+        ((B,) bool) are image-to-video. TI2V-5B (the official token-replacement conditioning): their latent frame 0 is
+        the clean first frame at timestep 0, and is left out of the loss (DiffSynth-Studio's FlowMatchSFTLoss does so;
+        the frame is given, not predicted). I2V-A14B: the cached condition enters as extra channels, the whole clip is
+        noised at one timestep and every frame is in the loss, as musubi-tuner trains it (wan_train_network.py)."""
+        if "condition" in extras:
+            return x_sigma, {"condition": extras["condition"]}, None
+        if not first_frame.any():
+            return x_sigma, {}, None
+        rows = first_frame.to(x0.device)
+        x_sigma = x_sigma.clone()
+        x_sigma[rows, :, :1] = x0[rows, :, :1]
+        weights = torch.ones(x0.shape[0], 1, x0.shape[2], 1, 1, device=x0.device)
+        weights[rows, :, :1] = 0
+        return x_sigma, {"first_frame": first_frame}, weights
+
     @torch.no_grad()
     def encode(self, pixels: Tensor, **kw) -> Tensor:
-        """Pixels in [-1, 1], (B, 3, H, W) images or (B, 3, 1 + 4k, H, W) videos -> normalised latents (B, 48, F, H/16,
-        W/16). kw: chunk, tile, overlap (see WanVAE.encode)."""
+        """Pixels in [-1, 1], (B, 3, H, W) images or (B, 3, 1 + 4k, H, W) videos -> normalised latents (B, C, F, H/s,
+        W/s), s the VAE's stride. kw: chunk, tile, overlap (see WanVAE.encode)."""
         if pixels.dim() == 4:
             pixels = pixels[:, :, None]
         return self.vae.encode(pixels.to(self.vae.conv2.weight.device), **kw)
@@ -1329,6 +1583,18 @@ class WanPipeline:
     def decode(self, z: Tensor, **kw) -> Tensor:
         """Normalised latents -> pixels in [-1, 1] (B, 3, 1 + 4 (F - 1), H, W). kw: chunk, tile, overlap, progress."""
         return self.vae.decode(z.to(self.vae.conv2.weight.device), **kw)
+
+    @torch.no_grad()
+    def image_condition(self, pixels: Tensor, frames: int) -> Tensor:
+        """I2V-A14B's condition for a first frame (B, 3, H, W) in [-1, 1] and a video of `frames` frames: the 4-channel
+        frame mask (ones on latent frame 0, the 4 pixel frames it stands for, zeros after) then the latents of the
+        first frame followed by frames - 1 zero frames, as image2video.py builds its `y` (B, 4 + C, F, H/s, W/s)."""
+        b, _, height, width = pixels.shape
+        video = torch.cat([pixels[:, :, None], pixels.new_zeros(b, 3, frames - 1, height, width)], dim=2)
+        latents = self.encode(video).float()
+        mask = torch.zeros_like(latents[:, :4])
+        mask[:, :, 0] = 1
+        return torch.cat([mask, latents], dim=1)
 
     @torch.no_grad()
     def generate(
@@ -1340,7 +1606,7 @@ class WanPipeline:
         steps: int | None = None,
         solver: str | None = None,
         guidance=None,
-        cfg: float | None = None,
+        cfg: float | tuple[float, float] | None = None,
         shift: float | None = None,
         negative_prompt="",
         seed=0,
@@ -1356,63 +1622,77 @@ class WanPipeline:
     ):
         """Text to video, or image to video from a first frame. Unset settings take the variant's (official) defaults.
 
-        height, width: the frame size (multiples of 32); with a first frame only their area counts, the aspect ratio
-        follows the image (official). frames: 4k + 1. cfg: v_u + cfg (v_c - v_u), 1 = off. negative_prompt: an empty
-        one means the official default (NEGATIVE_PROMPT). image (or images=[image]): the first frame, a path, a PIL
-        image or a (1, 3, H, W) tensor in [-1, 1]; it is encoded to latent frame 0, which is put back before every
-        model call and after the last step, its tokens at timestep 0. seed: int (video i uses seed + i) or one per
-        video; `noise` (B, 48, F, H/16, W/16) replaces the seeded noise. tile: decode in spatial tiles of this many
-        latent pixels (bounded memory for large frames, see WanVAE.decode). output: "pil" (a list of frame lists),
-        "np" ((B, F, H, W, 3) uint8), "pt" ((B, 3, F, H, W) in [-1, 1]) or "latent"."""
+        height, width: the frame size (multiples of pixels_per_token: 32 for TI2V-5B, 16 for A14B); with a first frame
+        only their area counts, the aspect ratio follows the image (official). frames: 4k + 1. cfg: v_u + cfg (v_c -
+        v_u), 1 = off; with two experts one number for both or a (low-noise, high-noise) pair (the official defaults
+        are pairs). negative_prompt: an empty one means the official default (NEGATIVE_PROMPT). image (or
+        images=[image]): the first frame, a path, a PIL image or a (1, 3, H, W) tensor in [-1, 1]. TI2V-5B encodes it
+        to latent frame 0, put back before every model call and after the last step, its tokens at timestep 0;
+        I2V-A14B (which needs it) gives it to the DiT as extra input channels (image_condition); T2V-A14B takes none.
+        seed: int (video i uses seed + i) or one per video; `noise` (B, C, F, H/s, W/s) replaces the seeded noise.
+        tile: decode in spatial tiles of this many latent pixels (bounded memory for large frames, see
+        WanVAE.decode). output: "pil" (a list of frame lists), "np" ((B, F, H, W, 3) uint8), "pt" ((B, 3, F, H, W) in
+        [-1, 1]) or "latent"."""
+        d = self.defaults
         if guidance is not None:
             raise ValueError("Wan2.2 has no distilled guidance; use cfg (classifier-free guidance) instead")
         if init_image is not None:
             raise ValueError("Wan2.2 has no image-to-image; give a first frame (image=, --image) for image-to-video")
         if images is not None:
             if image is not None or len(as_list(images)) != 1:
-                raise ValueError(f"Wan2.2 TI2V takes one image, the first frame; got {len(as_list(images))}")
+                raise ValueError(f"Wan2.2 takes one image, the first frame; got {len(as_list(images))}")
             image = as_list(images)[0]
+        if image is not None and d.image == "none":
+            raise ValueError(f"{self.variant} is text-to-video; for a first frame use wan22-i2v-a14b or wan22-ti2v-5b")
+        if image is None and d.image == "required":
+            raise ValueError(f"{self.variant} makes a video from a first frame: give image= (sample.py --image)")
         if output not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output must be 'pil', 'np', 'pt' or 'latent', not {output!r}")
-        d = self.defaults
         steps, solver = steps or d.steps, solver or d.solver
-        cfg = d.cfg if cfg is None else cfg
+        low_cfg, high_cfg = cfg_pair(d.cfg if cfg is None else cfg, self.transformer_2 is not None)
         if solver not in solvers.SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
         height, width = height or d.size[0], width or d.size[1]
         frames = frames or d.frames
+        s, step = self.vae.stride, self.pixels_per_token
         if noise is not None:
-            frames, height, width = 1 + TEMPORAL_STRIDE * (noise.shape[2] - 1), noise.shape[3] * 16, noise.shape[4] * 16
-        device = self.device
-        first = None
-        if image is not None:
-            pixels = first_frame(image, height, width)
-            height, width = pixels.shape[-2:]
-            first = self.encode(pixels.to(device)).float().to(device)  # (1, 48, 1, h, w)
-            if noise is not None and first.shape[-2:] != noise.shape[-2:]:
-                raise ValueError(f"noise {tuple(noise.shape)} does not fit the first frame's latents {first.shape}")
-        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
-            raise ValueError(f"height and width must be multiples of {PIXELS_PER_TOKEN}, got {width}x{height}")
+            frames, height, width = 1 + TEMPORAL_STRIDE * (noise.shape[2] - 1), noise.shape[3] * s, noise.shape[4] * s
         if frames < 1 or (frames - 1) % TEMPORAL_STRIDE:
             raise ValueError(f"frames must be 4k + 1 (e.g. 81, 121), got {frames}")
+        device = self.device
+        first = condition = None
+        if image is not None and self.transformer_2 is None:  # TI2V-5B: the first latent frame
+            pixels = first_frame(image, height, width)
+            height, width = pixels.shape[-2:]
+            first = self.encode(pixels.to(device)).float().to(device)  # (1, C, 1, h, w)
+        elif image is not None:  # I2V-A14B: the frame mask and the first frame's latents as extra channels
+            pixels = i2v_first_frame(image, height, width, s, step // s)
+            height, width = pixels.shape[-2:]
+            condition = self.image_condition(pixels.to(device), frames).to(device)
+        if noise is not None and image is not None and (height // s, width // s) != tuple(noise.shape[-2:]):
+            raise ValueError(f"noise {tuple(noise.shape)} does not fit the first frame's {width}x{height} latents")
+        if height % step or width % step:
+            raise ValueError(f"height and width must be multiples of {step}, got {width}x{height}")
 
         prompts = as_list(prompts)
         n = noise.shape[0] if noise is not None else len(prompts)
         cond = self.encode_prompt(as_list(prompts, n))
         negatives = [p or NEGATIVE_PROMPT for p in as_list(negative_prompt, n)]
-        uncond = self.encode_prompt(negatives) if cfg != 1 else None
+        uncond = self.encode_prompt(negatives) if (low_cfg, high_cfg) != (1, 1) else None
         if noise is None:
             seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
-            shape = (self.vae.params.z_dim, 1 + (frames - 1) // TEMPORAL_STRIDE, height // 16, width // 16)
+            shape = (self.vae.params.z_dim, 1 + (frames - 1) // TEMPORAL_STRIDE, height // s, width // s)
             noise = draw_noise(shape, seeds, device)
         x = noise.to(device, torch.float32)
+        kw = {"first_frame": first is not None, "condition": condition}
 
         def velocity_fn(x, sigma):
-            if first is not None:  # the official loop writes the image latent into frame 0 after every step
+            if first is not None:  # the official TI2V loop writes the image latent into frame 0 after every step
                 x = torch.cat([first.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
-            v = self.velocity(x, sigma, cond, first_frame=first is not None)
-            if uncond is not None:
-                v = torch.lerp(self.velocity(x, sigma, uncond, first_frame=first is not None), v, cfg)
+            v = self.velocity(x, sigma, cond, **kw)
+            scale = high_cfg if self.transformer_2 is not None and self.high_noise(sigma).all() else low_cfg
+            if uncond is not None and scale != 1:  # each expert with its own scale (official sample_guide_scale)
+                v = torch.lerp(self.velocity(x, sigma, uncond, **kw), v, scale)
             if first is not None:
                 v[:, :, :1] = 0  # frame 0 is data: every solver then keeps it (up to rounding) where it was put
             return v

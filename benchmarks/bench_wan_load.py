@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import bench_wan_transformer
+
 CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
@@ -55,17 +57,7 @@ print(json.dumps(dict(load_s=t_load, rss_after=current_rss_bytes() - base, peak=
                       weights=nbytes, bf16=bf16)))
 """
 
-CONFIG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=24,
-    attention_head_dim=128,
-    in_channels=48,
-    out_channels=48,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=14336,
-    num_layers=4,
-)
+CONFIG = {**bench_wan_transformer.CONFIG, "num_layers": 4}  # TI2V-5B width, 4 blocks
 
 
 def write_checkpoints(folder: Path):

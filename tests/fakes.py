@@ -311,6 +311,22 @@ def max_rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def check_wan_vae(pipe, ref, pixels, latent_shape):
+    """Our encode and decode of `pixels` against diffusers' AutoencoderKLWan `ref` fed the same weights (its latents
+    normalised by its config's latents_mean / latents_std, as diffusers' Wan pipelines do): both within 1e-5."""
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        ours = pipe.encode(pixels)
+        theirs = (ref.encode(pixels).latent_dist.mode() - mean) / std
+        assert ours.shape == latent_shape
+        assert rel(ours, theirs) < 1e-5
+        decoded = pipe.decode(ours)
+        ref_decoded = ref.decode(ours * std + mean).sample
+    assert decoded.shape == pixels.shape and ref_decoded.abs().mean() > 0.05
+    assert rel(decoded, ref_decoded) < 1e-5
+
+
 def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
     """Non-trivial weights everywhere (diffusers zero-initialises some output layers, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
@@ -758,6 +774,104 @@ def diffusers_wan_pipeline(refs: dict, image_to_video: bool = False, shift: floa
             **common, transformer=refs["transformer"], image_encoder=None, image_processor=None, expand_timesteps=True
         )
     return WanPipeline(**common, transformer=refs["transformer"], expand_timesteps=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wan2.2 A14B (T2V / I2V): two experts in the official layout (high_noise_model/ and low_noise_model/, each a
+# config.json and sharded safetensors in Wan's names; Wan2.1_VAE.pth; the umT5 .pth and tokenizer as for TI2V-5B) or the
+# -Diffusers one (transformer/ = high noise, transformer_2/ = low noise, vae/ in the Wan2.1 config).
+
+
+def wan21_vae_tiny_config() -> dict:
+    """The Wan2.1 VAE layout (flat stages, no patchify, 16 channels) at width 8; dim_mult and num_res_blocks as the
+    real model, which diffusers' single-file converter assumes."""
+    import wan22
+
+    return dict(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+        latents_mean=list(wan22.WAN21_VAE_MEAN),
+        latents_std=list(wan22.WAN21_VAE_STD),
+    )
+
+
+def tiny_wan21_vae(seed: int = 0):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return randomize(AutoencoderKLWan(**wan21_vae_tiny_config()), std=0.08, seed=seed).eval()
+
+
+def write_wan22_a14b_repo(root: Path, kind: str = "t2v", layout: str = "official", seed: int = 0) -> dict:
+    """A tiny Wan2.2 T2V-A14B or I2V-A14B repo (two experts of different weights; I2V's take 36 input channels);
+    returns the reference diffusers/transformers modules (fp32): transformer (high noise), transformer_2 (low noise)."""
+    import wan22
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    in_channels = 36 if kind == "i2v" else 16
+    high, low = (tiny_wan_transformer(seed + i, in_channels=in_channels, out_channels=16) for i in (0, 10))
+    vae, umt5 = tiny_wan21_vae(seed + 1), tiny_umt5(seed + 2)
+    if layout == "official":
+        for folder, model in (("high_noise_model", high), ("low_noise_model", low)):
+            (root / folder).mkdir(exist_ok=True)
+            dit = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in model.state_dict().items()}
+            save_sharded(dit, root / folder, "diffusion_pytorch_model", shards=2)  # float32, as the real experts
+            config = {
+                "_class_name": "WanModel",
+                "model_type": kind,
+                "dim": 48,
+                "ffn_dim": 64,
+                "freq_dim": 256,
+                "in_dim": in_channels,
+                "out_dim": 16,
+                "num_heads": 2,
+                "num_layers": 2,
+                "text_len": 512,
+                "eps": 1e-6,
+            }
+            (root / folder / "config.json").write_text(json.dumps(config))
+        torch.save(wan22.vae_from_diffusers(vae.state_dict()), root / "Wan2.1_VAE.pth")
+        t5 = {k: v.bfloat16() for k, v in umt5_to_wan(umt5.state_dict()).items()}
+        torch.save(t5, root / "models_t5_umt5-xxl-enc-bf16.pth")
+        write_tiny_tokenizer("umt5", root / "google" / "umt5-xxl")
+    elif layout == "diffusers":
+        high.save_pretrained(root / "transformer", max_shard_size="100KB")
+        low.save_pretrained(root / "transformer_2", max_shard_size="100KB")
+        vae.save_pretrained(root / "vae")
+        umt5.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="100KB")
+        umt5.float()
+        write_tiny_tokenizer("umt5", root / "tokenizer")
+        boundary = 0.9 if kind == "i2v" else 0.875
+        pipeline = "WanImageToVideoPipeline" if kind == "i2v" else "WanPipeline"
+        (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "boundary_ratio": boundary}))
+    else:
+        raise ValueError(layout)
+    return {"transformer": high, "transformer_2": low, "vae": vae, "text_encoder": umt5, "root": root}
+
+
+def diffusers_wan_a14b_pipeline(refs: dict, kind: str = "t2v", shift: float = 12.0):
+    """diffusers' WanPipeline (T2V-A14B, boundary_ratio 0.875) or WanImageToVideoPipeline (I2V-A14B, 0.9) with both
+    reference experts: `transformer` above the boundary with guidance_scale, `transformer_2` below with
+    guidance_scale_2."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from transformers import T5TokenizerFast
+
+    folder = refs["root"] / ("google/umt5-xxl" if (refs["root"] / "google").is_dir() else "tokenizer")
+    common = dict(
+        tokenizer=T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json")),
+        text_encoder=refs["text_encoder"],
+        vae=refs["vae"],
+        scheduler=wan_scheduler(shift),
+        transformer=refs["transformer"],
+        transformer_2=refs["transformer_2"],
+    )
+    if kind == "i2v":
+        return WanImageToVideoPipeline(**common, image_encoder=None, image_processor=None, boundary_ratio=0.9)
+    return WanPipeline(**common, boundary_ratio=0.875)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -406,3 +406,37 @@ def test_shard_on_flux2_klein_edit_pairs(tmp_path_factory, tmp_path):
     rel = lora_close(tmp_path / "one" / "lora-flux2.safetensors", tmp_path / "two" / "lora-flux2.safetensors")
     print(f"FLUX.2-klein edit pairs --shard vs one process: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["wan22", "wan22-t2v-a14b"])
+def test_video_training_under_two_processes(variant, wan22_repo, wan22_t2v_a14b_repo, tmp_path):
+    """Clips, frame folders and a still image: TI2V-5B with first-frame training (its loss leaves the given frame out)
+    data parallel; T2V-A14B's two experts, in turns, each sharded (FSDP2) as its own root. Both give the LoRA(s) of
+    one process with the same global batch."""
+    from test_wan22_train import make_clips
+
+    repo = wan22_repo[0] if variant == "wan22" else wan22_t2v_a14b_repo[0]
+    data = make_clips(tmp_path / "data")
+    extra = ["--steps", "3" if variant == "wan22" else "4", "--frames", "9", "5", "--caption-dropout", "0.3"]
+    extra += ["--bucket-step", "32", "--first-frame", "0.5"] if variant == "wan22" else []  # A14B: 2 steps an expert
+    one = common(repo, data, tmp_path / "one", *extra, "--batch-size", "2", model=variant)
+    assert train.main([str(a) for a in one]) == 0
+    sharded = ["--shard"] if variant != "wan22" else []
+    results = launch(
+        common(repo, data, tmp_path / "two", *extra, "--batch-size", "1", *sharded, model=variant), tmp_path
+    )
+    assert [code for code, _, _ in results] == [0, 0], results
+    names = (
+        [f"lora-{variant}.safetensors"]
+        if variant == "wan22"
+        else [f"lora-{variant}_{e}_noise.safetensors" for e in ("high", "low")]
+    )
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == sorted(names)
+    for name in names:
+        rel = lora_close(tmp_path / "one" / name, tmp_path / "two" / name)
+        how = "2 processes" + (" --shard" if sharded else "")
+        print(f"{name}, {how} vs one: median {rel[len(rel) // 2]:.1e}, worst {rel[-1]:.1e}")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    line = next(x for x in results[0][1].splitlines() if x.startswith("data:"))
+    assert "'unreadable clip': 1" in line

@@ -60,7 +60,7 @@ def test_loss_falls_on_edit_pairs(base_repo, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data:"))
     # 4 targets (the _ref files are not targets) of one size; 4 targets + 5 references, of which pair0_ref0 and
     # pair3_ref0 are the same picture, cached once.
-    assert "4 captioned images, 4 training samples in 1 buckets (4 edit pairs)" in line
+    assert "4 captioned images, 4 training samples (4 edit pairs) in 1 buckets" in line
     assert "encoded 8 latents" in line
     curve = losses(out)
     assert len(curve) == 30

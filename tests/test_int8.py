@@ -15,15 +15,7 @@ import int8
 import lora
 import zimage
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matmuls: a second thread only adds overhead here, and when the VM's other core is busy, OpenMP's waits for
-    # it made the LoRA training test ~100x slower (0.3 s -> 30 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (in_features K, out_features N) of FLUX.1's token-wise linears, from the "Matmul shapes" table at 1024x1024:

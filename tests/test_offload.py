@@ -35,13 +35,7 @@ def same(a, b) -> bool:
     return rel(a, b) <= 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread buys nothing, and on a busy 2-core machine its spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Z-Image's tiny config has 1-block refiners: min_blocks=1 streams them too, as the real model's 2-block ones are.

@@ -17,13 +17,7 @@ except ImportError:
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason="diffusers is not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: threads only add overhead on a small machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------

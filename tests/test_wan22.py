@@ -10,6 +10,7 @@ import torch
 from fakes import (
     TOKENIZERS,
     VARIED_PROMPTS,
+    check_wan_vae,
     diffusers_wan_pipeline,
     random_prompts,
     rel,
@@ -27,13 +28,7 @@ import wan22
 PROMPTS = ["a red fox in the snow", "一只小猫在草地上奔跑, watercolor, soft light"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread buys nothing on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -188,18 +183,7 @@ def test_umt5_matches_transformers(pipe, refs, wan22_diffusers_repo):
 def test_vae_matches_diffusers(pipe, refs, frames):
     torch.manual_seed(frames)
     pixels = torch.rand(1, 3, frames, 64, 96) * 2 - 1
-    ref = refs["vae"]
-    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
-    with torch.no_grad():
-        ours = pipe.encode(pixels)
-        theirs = (ref.encode(pixels).latent_dist.mode() - mean) / std
-        assert ours.shape == (1, 48, 1 + (frames - 1) // 4, 4, 6)
-        assert rel(ours, theirs) < 1e-5
-        decoded = pipe.decode(ours)
-        ref_decoded = ref.decode(ours * std + mean).sample
-    assert decoded.shape == (1, 3, frames, 64, 96) and ref_decoded.abs().mean() > 0.05
-    assert rel(decoded, ref_decoded) < 1e-5
+    check_wan_vae(pipe, refs["vae"], pixels, (1, 48, 1 + (frames - 1) // 4, 4, 6))
 
 
 def test_chunked_vae_equals_one_shot(pipe):
