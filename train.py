@@ -1113,6 +1113,11 @@ def train(args) -> int:
     videos = getattr(module, "TEMPORAL_STRIDE", None) is not None  # a video model: clips, and images as 1 frame
     clips = ClipFrames(args.frames, args.frame_sampling, args.frame_stride) if videos else None
     items, skipped = scan(data, videos)
+    if videos:
+        import video
+
+        if video.available_backend() == "pillow" and any(p.suffix.lower() in video.VIDEO_EXTENSIONS for p, _ in items):
+            raise UsageError("reading video files needs PyAV or imageio-ffmpeg: pip install -r requirements-video.txt")
     samples = plan_samples(items, args.resolution, args.bucket_step, skipped, clips)
     if videos and args.first_frame == 1:  # every sample conditioned on its first frame: a single frame teaches nothing
         skipped["single frame (image-to-video trains on clips)"] += sum(s["frames"] == 1 for s in samples)

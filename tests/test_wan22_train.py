@@ -206,6 +206,13 @@ def test_bad_video_options_get_one_line(wan22_repo, tmp_path, capsys, args, need
     assert needle in err and len(err.splitlines()) == 1
 
 
+def test_video_files_without_a_video_reader_get_one_line(wan22_repo, tmp_path, capsys, monkeypatch):
+    data = make_clips(tmp_path / "data", broken=False)
+    monkeypatch.setattr(video, "available_backend", lambda: "pillow")  # neither PyAV nor imageio-ffmpeg installed
+    assert run("wan22", wan22_repo[0], data, tmp_path / "out", "--steps", "1") == 2
+    assert "pip install -r requirements-video.txt" in capsys.readouterr().err
+
+
 def test_frame_options_on_an_image_model_are_refused(tmp_path, capsys):
     data = make_clips(tmp_path / "data", broken=False)
     assert train.main(["zimage", "--data", str(data), "--frames", "9", "--steps", "1"]) == 2
