@@ -284,9 +284,9 @@ ROLES = {
 SUFFIXES = sorted(ROLES, key=len, reverse=True)
 
 
-def read(path, names: dict[str, list[str]]) -> tuple[dict[str, dict[str, Patch]], dict, list[str]]:
-    """A LoRA file of any family -> ({component: {name: Patch}}, the file's metadata, the keys of tensors that cannot
-    be used: an unknown prefix, component or tensor kind, or an incomplete layer). `names`: for each component, the
+def read(path, names: dict[str, list[str]]) -> tuple[dict[str, dict[str, Patch]], list[str]]:
+    """A LoRA file of any family -> ({component: {name: Patch}}, the keys of tensors that cannot be used: an unknown
+    prefix, component or tensor kind, or an incomplete layer). `names`: for each component, the
     dotted names its keys may use (the model's own and any alias names), needed to undo kohya's "." -> "_"."""
     from safetensors import safe_open
 
@@ -319,7 +319,7 @@ def read(path, names: dict[str, list[str]]) -> tuple[dict[str, dict[str, Patch]]
             unused += tensors["keys"]
         else:
             patches.setdefault(component, {})[name] = patch
-    return patches, metadata, unused
+    return patches, unused
 
 
 def _locate(stem: str, dotted: dict[str, dict[str, str]]) -> tuple[str, str] | None:
@@ -551,21 +551,25 @@ def _replace(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load(path, components: dict[str, nn.Module], scale: float = 1.0, aliases=None, strict: bool = False) -> list[str]:
+def load(path, components: dict, scale: float = 1.0, aliases=None, strict: bool = False) -> list[str]:
     """Read a LoRA file of any family and apply it at `scale` to the pipeline's parts, `components` ({"transformer":
-    ..., "text_encoder": ..., "text_encoder_2": ...}, named like the diffusers repo's folders). `aliases`: {component:
-    alias map} for names the model does not have itself (see route). Whatever in the file cannot be applied is named
-    in one warning line on stderr, or with `strict` raised as a ValueError. Returns the layers changed, as
-    "component.layer"."""
+    ..., "text_encoder": ..., "text_encoder_2": ...}, named like the diffusers repo's folders). A component may also be
+    {attribute: module} for several modules of one architecture that all take its layers (Wan2.2 A14B's two experts:
+    {"transformer": high, "transformer_2": low}): the file is read and checked once and applied to each. `aliases`:
+    {component: alias map} for names the model does not have itself (see route). Whatever in the file cannot be
+    applied is named in one warning line on stderr, or with `strict` raised as a ValueError before anything is
+    changed. Returns the layers changed, as "attribute.layer" (the component's name for a single module)."""
     if not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale}")
     path, aliases = Path(path), aliases or {}
-    names = {c: _names(m) + list(aliases.get(c, {})) for c, m in components.items()}
-    patches, _, unused = read(path, names)
+    targets = {c: m if isinstance(m, dict) else {c: m} for c, m in components.items()}
+    first = {c: next(iter(modules.values())) for c, modules in targets.items()}  # names and routing: one suffices
+    names = {c: _names(m) + list(aliases.get(c, {})) for c, m in first.items()}
+    patches, unused = read(path, names)
     total = len(unused) + sum(len(p.keys) for layers in patches.values() for p in layers.values())
     routed = {}
     for component, layers in patches.items():
-        routed[component], unusable = route(layers, aliases.get(component, {}), components[component])
+        routed[component], unusable = route(layers, aliases.get(component, {}), first[component])
         unused += unusable
     if unused:
         examples = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
@@ -578,7 +582,8 @@ def load(path, components: dict[str, nn.Module], scale: float = 1.0, aliases=Non
         print(f"warning: {message}", file=sys.stderr)
     changed = []
     for component, layers in routed.items():
-        changed += [f"{component}.{name}" for name in apply(components[component], layers, scale)]
+        for attribute, module in targets[component].items():
+            changed += [f"{attribute}.{name}" for name in apply(module, layers, scale)]
     return changed
 
 

@@ -1521,14 +1521,16 @@ class WanPipeline:
             expert = next((e for e in ("high", "low") if re.search(rf"{e}[_-]?noise", stem)), "both")
         if expert not in (None, "both", *experts):
             raise ValueError(f"expert must be 'high', 'low' or 'both' for {self.variant}, not {expert!r}")
-        targets = [(n, m) for n, m in experts.items() if expert in (None, "both", n)]
-        changed = []
-        for i, (name, model) in enumerate(targets):
-            components = {"transformer": model} | ({"text_encoder": self.text_encoder} if i == 0 else {})
-            layers = lora.load(path, components, scale, {"transformer": lora_aliases(model)}, strict)
-            attribute = "transformer_2" if name == "low" else "transformer"
-            changed += [c.replace("transformer.", f"{attribute}.", 1) for c in layers]
-        return changed
+        # One read of the file for every expert it goes to (and the umT5 once): its unusable tensors are counted, and
+        # a strict load refused, once and before any expert is changed.
+        attributes = {
+            "transformer_2" if n == "low" else "transformer": m
+            for n, m in experts.items()
+            if expert in (None, "both", n)
+        }
+        components = {"transformer": attributes, "text_encoder": self.text_encoder}
+        aliases = {"transformer": lora_aliases(next(iter(attributes.values())))}  # the experts share one architecture
+        return lora.load(path, components, scale, aliases, strict)
 
     # -- training rules (train.py): the noise levels each expert learns, and image-to-video clips
 

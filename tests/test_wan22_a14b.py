@@ -352,6 +352,37 @@ def test_lora_files_go_to_the_expert_they_name(t2v, wan22_t2v_a14b_repo, tmp_pat
             assert rel(ours, expected) < 1e-5 and rel(ours, t2v.velocity(x, sigma, {"context": context})) > 1e-3
 
 
+def test_a_lora_for_both_experts_is_read_once(wan22_t2v_a14b_repo, tmp_path, capsys):
+    """A file for both experts and the umT5: each expert and the umT5 take their layers, with no warning about the
+    umT5's (the file is read and checked once, not once per expert); a strict load that must fail changes nothing."""
+    root = wan22_t2v_a14b_repo[0]
+    pipe = wan22.load(root, dtype=torch.float32)
+    g = torch.Generator().manual_seed(10)
+    state = {
+        "diffusion_model.blocks.0.self_attn.q.lora_A.weight": 0.3 * torch.randn(4, 48, generator=g),
+        "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(48, 4, generator=g),
+        "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": 0.3 * torch.randn(4, 32, generator=g),
+        "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.randn(32, 4, generator=g),
+    }
+    save_file(state, tmp_path / "both.safetensors")
+    save_file({**state, "diffusion_model.no_such_layer.lora_A.weight": torch.ones(4, 48)}, tmp_path / "bad.safetensors")
+    torch.manual_seed(6)
+    x, context = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 512, 32)
+    with torch.no_grad():
+        before = [pipe.velocity(x, sigma, {"context": context}) for sigma in (0.9375, 0.3125)]
+        with pytest.raises(ValueError, match="1 of 5 tensors not applied"):
+            pipe.load_lora(tmp_path / "bad.safetensors", strict=True)
+        assert all(torch.equal(pipe.velocity(x, s, {"context": context}), b) for s, b in zip((0.9375, 0.3125), before))
+        assert pipe.load_lora(tmp_path / "both.safetensors") == [
+            "transformer.blocks.0.self_attn.q",
+            "transformer_2.blocks.0.self_attn.q",
+            "text_encoder.encoder.block.0.layer.0.SelfAttention.q",
+        ]
+        assert "warning" not in capsys.readouterr().err
+        after = [pipe.velocity(x, sigma, {"context": context}) for sigma in (0.9375, 0.3125)]
+    assert all(rel(a, b) > 1e-3 for a, b in zip(after, before))
+
+
 def test_model_offload_keeps_one_expert_on_the_device(wan22_t2v_a14b_repo):
     """--offload model: each expert is copied to the device once per generation (the low-noise one replacing the
     high-noise one at the boundary), and while one runs the other is on the host, as offload.py's accounting shows."""
