@@ -56,7 +56,7 @@ class Stopped(Exception):
 class World:
     """One process: rank 0 of 1. Every method is what a single process does (nothing, or the identity)."""
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size = 0, 1
     sharded = False
 
     def share(self, n: int):
@@ -104,7 +104,6 @@ class Group(World):
         import torch.distributed as dist
 
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -212,15 +211,10 @@ class Group(World):
 
 def _report(error: BaseException) -> tuple[str, int, bool]:
     """(one-line message, exit code, whether it is bad input rather than a bug): what sample.run_cli prints."""
-    from sample import UsageError
+    from sample import error_report
 
-    if isinstance(error, UsageError | ValueError | FileNotFoundError):
-        return str(error), getattr(error, "exit_code", 2), True
-    if isinstance(error, OSError):
-        return f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}", 1, True
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted", 130, True
-    return f"{type(error).__name__}: {error}", 1, False
+    report = error_report(error)
+    return (*report, True) if report else (f"{type(error).__name__}: {error}", 1, False)
 
 
 def _lost_contact(error: BaseException) -> bool:

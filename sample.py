@@ -182,6 +182,14 @@ def pick_device(name: str | None) -> str:
     return "cpu"
 
 
+def pick_dtype(name: str | None, device: str):
+    """(name, torch dtype) of --dtype; by default float32 on the CPU and bfloat16 elsewhere."""
+    import torch
+
+    name = name or ("fp32" if device == "cpu" else "bf16")
+    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def next_index(out: Path) -> int:
     taken = [int(p.stem.split("-")[0]) for p in out.glob("*.*") if p.stem.split("-")[0].isdigit()]
     return max(taken, default=-1) + 1
@@ -301,21 +309,30 @@ def load_pipeline(module, variant: str, args, device, dtype):
     )
 
 
+def error_report(error: BaseException) -> tuple[str, int] | None:
+    """What the CLIs say of an error the user can cause or fix (bad input: ours, or a clear ValueError /
+    FileNotFoundError from a model file; a full disk or a permission, OSError; Ctrl-C): (one line, exit code). None
+    for anything else: a bug."""
+    if isinstance(error, UsageError | ValueError | FileNotFoundError):
+        return str(error), getattr(error, "exit_code", 2)
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}", 1
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", 130
+    return None
+
+
 def run_cli(command, args) -> int:
-    """Run a CLI command. What the user can cause or fix (bad input: ours, or a clear ValueError/FileNotFoundError
-    from a model file; a full disk or a permission, OSError; Ctrl-C) ends in one line on stderr and a non-zero exit
-    code, never a traceback. Any other exception is a bug and keeps its traceback."""
+    """Run a CLI command. What the user can cause or fix ends in one line on stderr and a non-zero exit code, never a
+    traceback (error_report); any other exception is a bug and keeps its traceback."""
     try:
         return command(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
-    except OSError as e:
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        report = error_report(e)
+        if report is None:
+            raise
+        print(f"error: {report[0]}", file=sys.stderr)
+        return report[1]
 
 
 def main(argv=None) -> int:
@@ -391,15 +408,12 @@ def run(args) -> int:
     if args.invert and extra:
         raise UsageError(f"--invert does not take {', '.join(flags.values())}")
 
-    import torch
 
     device = pick_device(args.device)
-    # The pipeline class from load()'s annotation, so that an option it does not take is refused before loading.
-    pipeline_class = typing.get_type_hints(module.load).get("return")
-    if pipeline_class is not None:
-        refuse_options(pipeline_class, flags, args.model)
-    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    # The pipeline class from load()'s annotation (DESIGN.md), so that an option it does not take is refused before
+    # loading.
+    refuse_options(typing.get_type_hints(module.load)["return"], flags, args.model)
+    dtype_name, dtype = pick_dtype(args.dtype, device)
     t0 = time.time()
     pipe = load_pipeline(module, variant, args, device, dtype)
     if args.int8:
@@ -417,8 +431,6 @@ def run(args) -> int:
                 offload.enable_block_streaming(denoiser, device)
         offload.enable_model_offload(pipe, device)  # the parts not streamed
     load_s = time.time() - t0
-    if pipeline_class is None:
-        refuse_options(type(pipe), flags, args.model)
 
     d = pipe.defaults
     written = []

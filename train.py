@@ -336,30 +336,39 @@ def cache_latent(pipe, path: Path, bucket, cache: Path, model_id: str) -> tuple[
     return file, True
 
 
-def cache_clip(pipe, s: dict, cache: Path, model_id: str) -> tuple[Path, bool]:
-    """The latents of a clip's training frames, each cropped to the bucket, encoded unless cached (a file per content,
-    frames, bucket and model), with what the model keeps beside them (pipe.training_condition: I2V-A14B's first-frame
-    condition). The frames are decoded in one pass and cropped as they come, so a long clip is never held whole.
-    OSError / ValueError for a clip that cannot be read."""
-    import numpy as np
-    import torch
+def clip_content(path: Path) -> bytes:
+    """A digest of a clip's bytes: a video file's, or a frame folder's frame names and bytes in frame order."""
+    content = hashlib.sha256()
+    for f in frame_files(path) if path.is_dir() else [path]:
+        content.update(f.name.encode() + b"\0" + f.read_bytes())
+    return content.digest()
+
+
+def clip_frames(s: dict, indices):
+    """The frames at `indices` (increasing) of a sample's clip, a video file or a frame folder, as PIL images, decoded
+    in one pass as they are consumed."""
+    if s["kind"] == "frames":
+        files = frame_files(s["path"])
+        return (open_image(files[i]) for i in indices)
+    from PIL import Image
 
     import video
 
-    files = frame_files(s["path"]) if s["kind"] == "frames" else [s["path"]]
-    content = hashlib.sha256()
-    for f in files:
-        content.update(f.name.encode() + b"\0" + f.read_bytes())
-    file = cache / f"clip-{digest(model_id, 'clip', content.digest(), s['bucket'], s['indices'])}.safetensors"
+    return (Image.fromarray(f) for f in video.read_frames(s["path"], indices))
+
+
+def cache_clip(pipe, s: dict, cache: Path, model_id: str, content: bytes) -> tuple[Path, bool]:
+    """The latents of a clip's training frames, each cropped to the bucket, encoded unless cached (a file per content
+    (clip_content), frames, bucket and model), with what the model keeps beside them (pipe.training_condition:
+    I2V-A14B's first-frame condition). The frames are decoded in one pass and cropped as they come, so a long clip is
+    never held whole. OSError / ValueError for a clip that cannot be read."""
+    import numpy as np
+    import torch
+
+    file = cache / f"clip-{digest(model_id, 'clip', content, s['bucket'], s['indices'])}.safetensors"
     if file.is_file():
         return file, False
-    if s["kind"] == "frames":
-        frames = (open_image(files[i]) for i in s["indices"])
-    else:
-        from PIL import Image
-
-        frames = (Image.fromarray(f) for f in video.read_frames(s["path"], s["indices"]))
-    arrays = [np.asarray(crop_to_bucket(frame, *s["bucket"])) for frame in frames]
+    arrays = [np.asarray(crop_to_bucket(frame, *s["bucket"])) for frame in clip_frames(s, s["indices"])]
     pixels = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, F, H, W)
     extras = pipe.training_condition(pixels) if hasattr(pipe, "training_condition") else {}
     save_tensors(file, {"latent": pipe.encode(pixels).float(), **{k: v.float() for k, v in extras.items()}})
@@ -368,15 +377,8 @@ def cache_clip(pipe, s: dict, cache: Path, model_id: str) -> tuple[Path, bool]:
 
 def first_frame(s: dict):
     """The first training frame of a sample (an image, a clip or a frame folder), cropped to its bucket (PIL)."""
-    if s.get("kind", "image") == "image":
-        return crop_to_bucket(open_image(s["path"]), *s["bucket"])
-    if s["kind"] == "frames":
-        return crop_to_bucket(open_image(frame_files(s["path"])[s["indices"][0]]), *s["bucket"])
-    from PIL import Image
-
-    import video
-
-    return crop_to_bucket(Image.fromarray(next(video.read_frames(s["path"], s["indices"][:1]))), *s["bucket"])
+    frame = open_image(s["path"]) if s.get("kind", "image") == "image" else next(clip_frames(s, s["indices"][:1]))
+    return crop_to_bucket(frame, *s["bucket"])
 
 
 def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped: Counter, progress: bool) -> int:
@@ -386,11 +388,13 @@ def cache_latents(pipe, samples: list[dict], cache: Path, model_id: str, skipped
 
     from flux1 import bar_disabled
 
-    encoded, kept = 0, []
+    encoded, kept, contents = 0, [], {}  # contents: a clip in several buckets is read and hashed once
     for s in tqdm(samples, desc="caching latents", disable=bar_disabled(progress)):
         if s.get("kind", "image") != "image":
             try:
-                s["latent_file"], new = cache_clip(pipe, s, cache, model_id)
+                if s["path"] not in contents:
+                    contents[s["path"]] = clip_content(s["path"])
+                s["latent_file"], new = cache_clip(pipe, s, cache, model_id, contents[s["path"]])
             except (OSError, ValueError):
                 skipped["unreadable clip"] += 1
                 continue
@@ -451,12 +455,7 @@ def cache_latents_shared(world, pipe, samples: list[dict], cache: Path, model_id
         skipped.update(their_skipped)
         total += their_encoded
     samples[:] = [merged[i] for i in sorted(merged)]
-
-    def files(s):  # the cache files recorded in a sample: its latent, its reference images' latents, ...
-        for value in s.values():
-            yield from (f for f in (value if isinstance(value, list) else [value]) if isinstance(f, Path))
-
-    unseen = [s for s in samples if any(f.parent == cache and not f.is_file() for f in files(s))]
+    unseen = [s for s in samples if not all(f.is_file() for f in (s["latent_file"], *s["ref_files"]))]
     with world.together():
         if unseen:
             cache_latents(pipe, unseen, cache, model_id, Counter(), progress=False)
@@ -657,7 +656,7 @@ def micro_step(
         # (so every sample weighs the same, as in mse_loss, and a rank's share of the batch is a share of the loss)
         weights = weights.expand_as(v).flatten(1)
         loss = (((v.float() - (noise - x0)) ** 2).flatten(1) * weights).sum(1).div(weights.sum(1)).mean()
-    (loss * weight / args.grad_accum if share else loss / args.grad_accum).backward()
+    (loss * weight / args.grad_accum).backward()  # weight 1 for one process
     return loss.item() * weight
 
 
@@ -1140,8 +1139,7 @@ def train(args) -> int:
 
     # ---- model
     device = sample.pick_device(args.device)
-    dtype_name = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    dtype_name, dtype = sample.pick_dtype(args.dtype, device)
     with world.together():  # under torchrun a rank that fails to load (memory, a file) stops every rank
         pipe, transformer, names, params = setup_model(args, module, variant, device, dtype)
     if world.rank > 0:  # its own LoRA-dropout masks (the LoRA's initial values, drawn before, are the same everywhere)
@@ -1202,19 +1200,22 @@ def train(args) -> int:
         position.batch += 1
         return [samples[i] for i in order[position.epoch][position.batch - 1]]
 
+    preview_kw = {}  # what every preview is generated with, worked out once
+    if args.preview_every and preview_prompts:
+        h, w = (None, None)
+        if args.preview_size:
+            h, w = sample.parse_size(args.preview_size, sample.pixels_per_token(module, variant))
+        preview_kw = {"height": h or args.resolution[0], "width": w or args.resolution[0]}
+        if videos:
+            preview_kw["frames"] = min(args.frames)
+        if videos and getattr(module.VARIANTS[variant], "image", None) == "required":  # from the first clip's start
+            preview_kw["image"] = first_frame(samples[0])
+
     def preview():
         folder = out / "previews"
         folder.mkdir(exist_ok=True)
-        granularity = sample.pixels_per_token(module, variant)
-        h, w = sample.parse_size(args.preview_size, granularity) if args.preview_size else (None, None)
-        h, w = h or args.resolution[0], w or args.resolution[0]
         transformer.eval()  # under torchrun every rank renders (--shard needs them all), rank 0 writes
-        kw = {"frames": min(args.frames)} if videos else {}
-        if videos and getattr(module.VARIANTS[variant], "image", None) == "required":  # from the first clip's start
-            kw["image"] = first_frame(samples[0])
-        images = pipe.generate(
-            preview_prompts, height=h, width=w, steps=args.preview_steps, seed=args.seed, progress=False, **kw
-        )
+        images = pipe.generate(preview_prompts, steps=args.preview_steps, seed=args.seed, progress=False, **preview_kw)
         transformer.train()
         with world.together():
             for i, image in enumerate(images if world.rank == 0 else []):
