@@ -6,7 +6,6 @@ by torchrun itself or by `launch` below, which can also install test hooks in th
 fail) and kill one of them."""
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import make_dataset
+from test_train import losses, make_dataset
 
 import distributed
 import train
@@ -161,11 +160,6 @@ def common(repo, data, out, *extra, model="flux1"):
         "fp32",
         *extra,
     ]
-
-
-def losses(out):
-    with open(out / "log.csv") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
 def lora_close(a_path, b_path, median=1e-5, worst=1e-2):
