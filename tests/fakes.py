@@ -10,7 +10,9 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -756,6 +758,24 @@ def wan_scheduler(shift: float = 5.0):
     return UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
     )
+
+
+def diffusers_sigmas(steps: int, shift: float = 5.0) -> torch.Tensor:
+    """wan_scheduler(shift)'s sigmas for `steps` steps, to pass to our pipelines in the parity tests."""
+    import wan22
+
+    scheduler = wan_scheduler(shift)
+    scheduler.set_timesteps(steps)
+    # Our integer timesteps are diffusers' (its sigmas start at 1 - 1e-6, the official ones at 0.9998).
+    assert wan22.model_timestep(scheduler.sigmas[:-1]).long().tolist() == scheduler.timesteps.tolist()
+    return scheduler.sigmas
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random picture (a random field upsampled), so resizing and cropping change it measurably."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def diffusers_wan_pipeline(refs: dict, image_to_video: bool = False, shift: float = 5.0):

@@ -7,8 +7,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fakes import check_wan_vae, diffusers_wan_a14b_pipeline, rel, tiny_wan21_vae, wan_scheduler, write_wan22_a14b_repo
-from PIL import Image
+from fakes import (
+    check_wan_vae,
+    diffusers_sigmas,
+    diffusers_wan_a14b_pipeline,
+    random_image,
+    rel,
+    tiny_wan21_vae,
+    write_wan22_a14b_repo,
+)
 from safetensors.torch import save_file
 
 import offload
@@ -30,12 +37,6 @@ def t2v(wan22_t2v_a14b_repo):
 @pytest.fixture(scope="module")
 def i2v(wan22_i2v_a14b_repo):
     return wan22.load(wan22_i2v_a14b_repo[0], device="cpu", dtype=torch.float32)
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
-    return small.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def same_weights(a: torch.nn.Module, b: dict) -> bool:
@@ -209,13 +210,6 @@ def test_a_batch_across_the_boundary_goes_to_both_experts(t2v):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole pipelines against diffusers, from the same noise
-
-
-def diffusers_sigmas(steps: int, shift: float) -> torch.Tensor:
-    scheduler = wan_scheduler(shift)
-    scheduler.set_timesteps(steps)
-    assert wan22.model_timestep(scheduler.sigmas[:-1]).long().tolist() == scheduler.timesteps.tolist()
-    return scheduler.sigmas
 
 
 def test_text_to_video_matches_diffusers(t2v, wan22_t2v_a14b_repo):
