@@ -259,11 +259,9 @@ def test_resume_under_two_processes_is_exact(reference, capsys):
     assert checkpoint["world_size"] == 2 and len(checkpoint["rank_rng"]) == 2 and checkpoint["position"]["step"] == 2
     results = launch(common(repo, data, stopped, *extra, "--resume"), root / "l2")
     assert [c for c, _, _ in results] == [0, 0], results
-    a, b = load_file(straight / "lora-flux1.safetensors"), load_file(stopped / "lora-flux1.safetensors")
-    worst = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a if a[k].norm() > 0)
+    rel = lora_close(straight / "lora-flux1.safetensors", stopped / "lora-flux1.safetensors", median=1e-6, worst=1e-6)
     with capsys.disabled():
-        print(f"resumed under 2 processes vs straight: worst tensor {worst:.1e}")
-    assert worst <= 1e-6
+        print(f"resumed under 2 processes vs straight: worst tensor {rel[-1]:.1e}")
     assert losses(stopped) == pytest.approx(losses(straight), rel=1e-6)
     # --lora-dropout masks are drawn per process: with another number of processes, refused.
     capsys.readouterr()
