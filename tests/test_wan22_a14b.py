@@ -13,7 +13,8 @@ from fakes import (
     diffusers_wan_a14b_pipeline,
     random_image,
     rel,
-    tiny_wan21_vae,
+    tiny_wan_vae,
+    wan21_vae_tiny_config,
     write_wan22_a14b_repo,
 )
 from safetensors.torch import save_file
@@ -121,7 +122,7 @@ def test_official_sampling_defaults():
 def test_wan21_vae_names_round_trip_through_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    sd = tiny_wan21_vae(3).state_dict()
+    sd = tiny_wan_vae(3, wan21_vae_tiny_config()).state_dict()
     official = wan22.vae_from_diffusers(sd)
     assert "decoder.upsamples.4.shortcut.weight" in official and "decoder.upsamples.11.resample.1.weight" in official
     back = convert_wan_vae_to_diffusers(dict(official))
