@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 from common import interleaved
-from fakes import flux_to_bfl
+from fakes import flux_to_bfl, rel
 
 import flux1
 
@@ -68,7 +68,7 @@ def main():
         run_ours, run_ref = (torch.compile(ours), torch.compile(ref)) if args.compile else (ours, ref)
         with torch.inference_mode():
             out_ours, out_ref = run_ours(**a), run_ref(**b)[0]  # warm-up, and a sanity check that both compute the same
-            err = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
+            err = rel(out_ours, out_ref)
             sides = {"ours": partial(run_ours, **a), "diffusers": partial(run_ref, **b)}
             r = interleaved(sides, args.windows, args.calls)
         print(

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 from common import interleaved, peak_rss_bytes
+from fakes import rel
 
 import flux2_klein as fk
 from zimage import Qwen3Config, Qwen3Encoder, load_into
@@ -73,7 +74,7 @@ def main():
         model.rotary_emb.inv_freq = inv_freq.clone()
         with torch.inference_mode():
             a, b = run_ours(), run_ref()
-            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            err = rel(a, b)
             r = interleaved({"ours": run_ours, "transformers": run_ref}, args.windows, args.calls)
         print(
             f"{name}: ours {r['ours']:.3f} s, transformers {r['transformers']:.3f} s, "

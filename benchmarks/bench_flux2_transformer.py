@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 from common import interleaved, peak_rss_bytes
-from fakes import flux2_to_bfl
+from fakes import flux2_to_bfl, rel
 
 import flux2_klein as fk
 
@@ -68,7 +68,7 @@ def main():
         )
         with torch.inference_mode():
             out_ours, out_ref = ours(**a), ref(**b)[0]  # warm-up, and a check that both compute the same
-            err = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
+            err = rel(out_ours, out_ref)
             r = interleaved({"ours": partial(ours, **a), "diffusers": partial(ref, **b)}, args.windows, args.calls)
         print(
             f"{name}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, ratio {r['ours'] / r['diffusers']:.3f} "

@@ -24,7 +24,7 @@ import time
 
 import torch
 from common import peak_rss_bytes
-from fakes import write_flux1_repo, write_zimage_repo
+from fakes import rel, write_flux1_repo, write_zimage_repo
 
 import flux1
 import solvers
@@ -58,7 +58,6 @@ def run(name, pipe, schedule, calls, ref_steps, noise):
     sample = lambda solver, steps: pipe.generate(  # noqa: E731
         PROMPT, noise=noise, sigmas=schedule(steps), solver=solver, output="latent", progress=False
     )
-    rel = lambda x, ref: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
     t0 = time.perf_counter()
     reference = sample("rfpc", ref_steps)
     check = rel(sample("unipc", ref_steps), reference)

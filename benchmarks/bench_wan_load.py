@@ -22,16 +22,15 @@ import tempfile
 from pathlib import Path
 
 import bench_wan_transformer
+from common import ROOT  # also puts the project root and tests/ on sys.path
 
 CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
 import torch
-from common import current_rss_bytes
+from common import current_rss_bytes, hwm_peak_bytes
 import flux1, wan22
 
-def peak_rss_bytes():  # VmHWM: this process image's own peak (ru_maxrss would include the parent's at fork time)
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 side, folder = sys.argv[1], sys.argv[2]
 if side == "diffusers":
     from diffusers import WanTransformer3DModel
@@ -53,7 +52,7 @@ with torch.no_grad():
     total = sum(p.sum().item() for p in model.parameters())  # touch every weight once (no float copy)
 nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 bf16 = sum(p.numel() * 2 for p in model.parameters())
-print(json.dumps(dict(load_s=t_load, rss_after=current_rss_bytes() - base, peak=peak_rss_bytes() - base,
+print(json.dumps(dict(load_s=t_load, rss_after=current_rss_bytes() - base, peak=hwm_peak_bytes() - base,
                       weights=nbytes, bf16=bf16)))
 """
 
@@ -89,13 +88,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "wan-load-bench"))
     args = ap.parse_args()
-    bench = Path(__file__).resolve().parent
-    sys.path[:0] = [str(bench.parent), str(bench.parent / "tests")]
     folder = Path(args.dir)
     if not (folder / "done").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         write_checkpoints(folder)
-    child = CHILD.format(root=str(bench.parent), bench=str(bench))
+    child = CHILD.format(root=str(ROOT), bench=str(Path(__file__).resolve().parent))
     results = {"ours": [], "naive": [], "diffusers": []}
     for _ in range(args.repeats):
         for side in results:

@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 from common import interleaved, peak_rss_bytes
+from fakes import rel
 
 import wan22
 
@@ -70,7 +71,7 @@ def main():
         run_ref = partial(ref, x.to(dtype), t_tokens, context.to(dtype), return_dict=False)
         with torch.inference_mode():
             a, b = run_ours(), run_ref()[0]  # warm-up and sanity check
-            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            err = rel(a, b)
             r = interleaved({"ours": run_ours, "diffusers": run_ref}, args.windows, args.calls)
         print(
             f"{name}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, "

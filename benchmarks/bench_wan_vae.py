@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from common import ROOT, interleaved
+from fakes import rel
 
 import wan22
 
@@ -28,11 +29,9 @@ import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
 import torch
 torch.set_num_threads({threads})
-from common import current_rss_bytes
+from common import current_rss_bytes, hwm_peak_bytes
 import wan22
 
-def peak_rss_bytes():  # VmHWM: this process image's own peak (ru_maxrss would include the parent's at fork time)
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 side, folder, frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if side == "diffusers":
     from diffusers import AutoencoderKLWan
@@ -50,7 +49,7 @@ with torch.no_grad():
     else:
         out = vae.decode(z, chunk=1 if side == "ours-chunked" else None)
 seconds = time.perf_counter() - t0
-print(json.dumps(dict(seconds=seconds, peak=peak_rss_bytes() - base, shape=list(out.shape),
+print(json.dumps(dict(seconds=seconds, peak=hwm_peak_bytes() - base, shape=list(out.shape),
                       output=out.numel() * 4)))
 """
 
@@ -88,7 +87,7 @@ def time_decode(ref, ours, args):
 
     with torch.inference_mode():
         a, b = run_ours(), run_ref()
-        err = ((a - b).norm() / b.norm()).item()
+        err = rel(a, b)
         r = interleaved({"ours": run_ours, "diffusers": run_ref}, args.windows, args.calls)
     print(
         f"decode (48, 2, 6, 6) -> {tuple(a.shape)}, 1 thread: ours {r['ours']:.2f} s, "

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 from common import interleaved
+from fakes import rel
 
 import zimage
 
@@ -49,7 +50,7 @@ def main():
         run_ref = partial(ref, list(xd.unsqueeze(2).unbind(0)), t, cd, return_dict=False)
         with torch.inference_mode():
             a, b = run_ours(), torch.stack(run_ref()[0]).squeeze(2)  # warm-up and sanity check
-            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            err = rel(a, b)
             r = interleaved({"ours": run_ours, "diffusers": run_ref}, args.windows, args.calls)
         print(
             f"{name}: ours {r['ours']:.3f} s, diffusers {r['diffusers']:.3f} s, "

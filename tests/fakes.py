@@ -10,7 +10,9 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -660,11 +662,12 @@ def tiny_wan_transformer(seed: int = 0, **overrides):
     return randomize(WanTransformer3DModel(**{**WAN_TINY, **overrides}), std=0.15, seed=seed).eval()
 
 
-def tiny_wan_vae(seed: int = 0):
+def tiny_wan_vae(seed: int = 0, config: dict | None = None):
+    """A random AutoencoderKLWan: the Wan2.2 layout (wan_vae_tiny_config) unless `config` (wan21_vae_tiny_config())."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
-    return randomize(AutoencoderKLWan(**wan_vae_tiny_config()), std=0.08, seed=seed).eval()
+    return randomize(AutoencoderKLWan(**(config or wan_vae_tiny_config())), std=0.08, seed=seed).eval()
 
 
 def tiny_umt5(seed: int = 0, vocab_size: int = TINY_T5_VOCAB, bf16: bool = True):
@@ -699,6 +702,51 @@ def save_sharded(sd: dict, folder: Path, stem: str, shards: int) -> Path:
     return index
 
 
+def _write_wan_dit(model, folder: Path, model_type: str, shards: int) -> None:
+    """One WanModel in the official layout: float32 safetensors shards in Wan's names (as the real checkpoints) and
+    its config.json."""
+    import wan22
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dit = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in model.state_dict().items()}
+    save_sharded(dit, folder, "diffusion_pytorch_model", shards=shards)
+    config = {
+        "_class_name": "WanModel",
+        "model_type": model_type,
+        "dim": 48,
+        "ffn_dim": 64,
+        "freq_dim": 256,
+        "in_dim": model.config.in_channels,
+        "out_dim": model.config.out_channels,
+        "num_heads": 2,
+        "num_layers": 2,
+        "text_len": 512,
+        "eps": 1e-6,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _write_umt5(umt5, root: Path, layout: str) -> None:
+    """The umT5 encoder and its tokenizer: official, Wan's bf16 .pth and google/umt5-xxl/; diffusers, text_encoder/
+    (saved in bf16; `umt5` is left in float32) and tokenizer/."""
+    if layout == "official":
+        t5 = {k: v.bfloat16() for k, v in umt5_to_wan(umt5.state_dict()).items()}
+        torch.save(t5, root / "models_t5_umt5-xxl-enc-bf16.pth")
+        write_tiny_tokenizer("umt5", root / "google" / "umt5-xxl")
+    else:
+        umt5.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="100KB")
+        umt5.float()
+        write_tiny_tokenizer("umt5", root / "tokenizer")
+
+
+def _umt5_tokenizer(root: Path):
+    """The tokenizer of a repo written by _write_umt5, in either layout."""
+    from transformers import T5TokenizerFast
+
+    folder = root / ("google/umt5-xxl" if (root / "google").is_dir() else "tokenizer")
+    return T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+
+
 def write_wan22_repo(root: Path, layout: str = "official", seed: int = 0) -> dict:
     """A tiny Wan2.2 TI2V-5B repo; returns the reference diffusers/transformers modules (fp32)."""
     import wan22
@@ -707,32 +755,13 @@ def write_wan22_repo(root: Path, layout: str = "official", seed: int = 0) -> dic
     root.mkdir(parents=True, exist_ok=True)
     transformer, vae, umt5 = tiny_wan_transformer(seed), tiny_wan_vae(seed + 1), tiny_umt5(seed + 2)
     if layout == "official":
-        dit = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in transformer.state_dict().items()}
-        save_sharded(dit, root, "diffusion_pytorch_model", shards=3)  # float32, as the real checkpoint
-        config = {
-            "_class_name": "WanModel",
-            "model_type": "ti2v",
-            "dim": 48,
-            "ffn_dim": 64,
-            "freq_dim": 256,
-            "in_dim": 48,
-            "out_dim": 48,
-            "num_heads": 2,
-            "num_layers": 2,
-            "text_len": 512,
-            "eps": 1e-6,
-        }
-        (root / "config.json").write_text(json.dumps(config))
+        _write_wan_dit(transformer, root, "ti2v", shards=3)
         torch.save(wan22.vae_from_diffusers(vae.state_dict()), root / "Wan2.2_VAE.pth")
-        t5 = {k: v.bfloat16() for k, v in umt5_to_wan(umt5.state_dict()).items()}
-        torch.save(t5, root / "models_t5_umt5-xxl-enc-bf16.pth")
-        write_tiny_tokenizer("umt5", root / "google" / "umt5-xxl")
+        _write_umt5(umt5, root, layout)
     elif layout == "diffusers":
         transformer.save_pretrained(root / "transformer", max_shard_size="100KB")
         vae.save_pretrained(root / "vae")
-        umt5.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="100KB")
-        umt5.float()
-        write_tiny_tokenizer("umt5", root / "tokenizer")
+        _write_umt5(umt5, root, layout)
         (root / "scheduler").mkdir(exist_ok=True)
         scheduler = {
             "_class_name": "UniPCMultistepScheduler",
@@ -758,14 +787,30 @@ def wan_scheduler(shift: float = 5.0):
     )
 
 
+def diffusers_sigmas(steps: int, shift: float = 5.0) -> torch.Tensor:
+    """wan_scheduler(shift)'s sigmas for `steps` steps, to pass to our pipelines in the parity tests."""
+    import wan22
+
+    scheduler = wan_scheduler(shift)
+    scheduler.set_timesteps(steps)
+    # Our integer timesteps are diffusers' (its sigmas start at 1 - 1e-6, the official ones at 0.9998).
+    assert wan22.model_timestep(scheduler.sigmas[:-1]).long().tolist() == scheduler.timesteps.tolist()
+    return scheduler.sigmas
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random picture (a random field upsampled), so resizing and cropping change it measurably."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
 def diffusers_wan_pipeline(refs: dict, image_to_video: bool = False, shift: float = 5.0):
     """diffusers' WanPipeline (text-to-video) or WanImageToVideoPipeline (TI2V's image-to-video) with the reference
     modules, the repo's tokenizer and expand_timesteps=True (per-token timesteps, as the TI2V-5B-Diffusers repo)."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
-    from transformers import T5TokenizerFast
 
-    folder = refs["root"] / ("google/umt5-xxl" if (refs["root"] / "google").is_dir() else "tokenizer")
-    tokenizer = T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    tokenizer = _umt5_tokenizer(refs["root"])
     common = dict(
         tokenizer=tokenizer, text_encoder=refs["text_encoder"], vae=refs["vae"], scheduler=wan_scheduler(shift)
     )
@@ -798,13 +843,6 @@ def wan21_vae_tiny_config() -> dict:
     )
 
 
-def tiny_wan21_vae(seed: int = 0):
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    return randomize(AutoencoderKLWan(**wan21_vae_tiny_config()), std=0.08, seed=seed).eval()
-
-
 def write_wan22_a14b_repo(root: Path, kind: str = "t2v", layout: str = "official", seed: int = 0) -> dict:
     """A tiny Wan2.2 T2V-A14B or I2V-A14B repo (two experts of different weights; I2V's take 36 input channels);
     returns the reference diffusers/transformers modules (fp32): transformer (high noise), transformer_2 (low noise)."""
@@ -814,37 +852,17 @@ def write_wan22_a14b_repo(root: Path, kind: str = "t2v", layout: str = "official
     root.mkdir(parents=True, exist_ok=True)
     in_channels = 36 if kind == "i2v" else 16
     high, low = (tiny_wan_transformer(seed + i, in_channels=in_channels, out_channels=16) for i in (0, 10))
-    vae, umt5 = tiny_wan21_vae(seed + 1), tiny_umt5(seed + 2)
+    vae, umt5 = tiny_wan_vae(seed + 1, wan21_vae_tiny_config()), tiny_umt5(seed + 2)
     if layout == "official":
-        for folder, model in (("high_noise_model", high), ("low_noise_model", low)):
-            (root / folder).mkdir(exist_ok=True)
-            dit = {wan22.rename(k, wan22.DIT_FROM_DIFFUSERS): v for k, v in model.state_dict().items()}
-            save_sharded(dit, root / folder, "diffusion_pytorch_model", shards=2)  # float32, as the real experts
-            config = {
-                "_class_name": "WanModel",
-                "model_type": kind,
-                "dim": 48,
-                "ffn_dim": 64,
-                "freq_dim": 256,
-                "in_dim": in_channels,
-                "out_dim": 16,
-                "num_heads": 2,
-                "num_layers": 2,
-                "text_len": 512,
-                "eps": 1e-6,
-            }
-            (root / folder / "config.json").write_text(json.dumps(config))
+        _write_wan_dit(high, root / "high_noise_model", kind, shards=2)
+        _write_wan_dit(low, root / "low_noise_model", kind, shards=2)
         torch.save(wan22.vae_from_diffusers(vae.state_dict()), root / "Wan2.1_VAE.pth")
-        t5 = {k: v.bfloat16() for k, v in umt5_to_wan(umt5.state_dict()).items()}
-        torch.save(t5, root / "models_t5_umt5-xxl-enc-bf16.pth")
-        write_tiny_tokenizer("umt5", root / "google" / "umt5-xxl")
+        _write_umt5(umt5, root, layout)
     elif layout == "diffusers":
         high.save_pretrained(root / "transformer", max_shard_size="100KB")
         low.save_pretrained(root / "transformer_2", max_shard_size="100KB")
         vae.save_pretrained(root / "vae")
-        umt5.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="100KB")
-        umt5.float()
-        write_tiny_tokenizer("umt5", root / "tokenizer")
+        _write_umt5(umt5, root, layout)
         boundary = 0.9 if kind == "i2v" else 0.875
         pipeline = "WanImageToVideoPipeline" if kind == "i2v" else "WanPipeline"
         (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "boundary_ratio": boundary}))
@@ -858,11 +876,9 @@ def diffusers_wan_a14b_pipeline(refs: dict, kind: str = "t2v", shift: float = 12
     reference experts: `transformer` above the boundary with guidance_scale, `transformer_2` below with
     guidance_scale_2."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
-    from transformers import T5TokenizerFast
 
-    folder = refs["root"] / ("google/umt5-xxl" if (refs["root"] / "google").is_dir() else "tokenizer")
     common = dict(
-        tokenizer=T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json")),
+        tokenizer=_umt5_tokenizer(refs["root"]),
         text_encoder=refs["text_encoder"],
         vae=refs["vae"],
         scheduler=wan_scheduler(shift),

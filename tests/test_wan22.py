@@ -11,12 +11,12 @@ from fakes import (
     TOKENIZERS,
     VARIED_PROMPTS,
     check_wan_vae,
+    diffusers_sigmas,
     diffusers_wan_pipeline,
+    random_image,
     random_prompts,
     rel,
-    wan_scheduler,
 )
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -39,13 +39,6 @@ def pipe(wan22_repo):
 @pytest.fixture(scope="module")
 def refs(wan22_repo):
     return wan22_repo[1]
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth random picture (a random field upsampled), so resizing and cropping change it measurably."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
-    return small.resize((width, height), Image.Resampling.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,14 +280,6 @@ def test_tokenizer_matches_transformers_on_the_real_vocabulary():
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The whole pipeline against diffusers' WanPipeline / WanImageToVideoPipeline, from the same noise
-
-
-def diffusers_sigmas(steps: int) -> torch.Tensor:
-    scheduler = wan_scheduler()
-    scheduler.set_timesteps(steps)
-    # Our integer timesteps are diffusers' (its sigmas start at 1 - 1e-6, the official ones at 0.9998).
-    assert wan22.model_timestep(scheduler.sigmas[:-1]).long().tolist() == scheduler.timesteps.tolist()
-    return scheduler.sigmas
 
 
 def test_text_to_video_matches_diffusers(pipe, refs):

@@ -7,8 +7,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fakes import check_wan_vae, diffusers_wan_a14b_pipeline, rel, tiny_wan21_vae, wan_scheduler, write_wan22_a14b_repo
-from PIL import Image
+from fakes import (
+    check_wan_vae,
+    diffusers_sigmas,
+    diffusers_wan_a14b_pipeline,
+    random_image,
+    rel,
+    tiny_wan_vae,
+    wan21_vae_tiny_config,
+    write_wan22_a14b_repo,
+)
 from safetensors.torch import save_file
 
 import offload
@@ -30,12 +38,6 @@ def t2v(wan22_t2v_a14b_repo):
 @pytest.fixture(scope="module")
 def i2v(wan22_i2v_a14b_repo):
     return wan22.load(wan22_i2v_a14b_repo[0], device="cpu", dtype=torch.float32)
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray((rng.random((4, 6, 3)) * 255).astype(np.uint8))
-    return small.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def same_weights(a: torch.nn.Module, b: dict) -> bool:
@@ -120,7 +122,7 @@ def test_official_sampling_defaults():
 def test_wan21_vae_names_round_trip_through_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    sd = tiny_wan21_vae(3).state_dict()
+    sd = tiny_wan_vae(3, wan21_vae_tiny_config()).state_dict()
     official = wan22.vae_from_diffusers(sd)
     assert "decoder.upsamples.4.shortcut.weight" in official and "decoder.upsamples.11.resample.1.weight" in official
     back = convert_wan_vae_to_diffusers(dict(official))
@@ -209,13 +211,6 @@ def test_a_batch_across_the_boundary_goes_to_both_experts(t2v):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Whole pipelines against diffusers, from the same noise
-
-
-def diffusers_sigmas(steps: int, shift: float) -> torch.Tensor:
-    scheduler = wan_scheduler(shift)
-    scheduler.set_timesteps(steps)
-    assert wan22.model_timestep(scheduler.sigmas[:-1]).long().tolist() == scheduler.timesteps.tolist()
-    return scheduler.sigmas
 
 
 def test_text_to_video_matches_diffusers(t2v, wan22_t2v_a14b_repo):

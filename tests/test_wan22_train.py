@@ -3,7 +3,6 @@ as MP4 files and as folders of numbered frames, images as 1-frame videos, frame 
 training, one LoRA per A14B expert trained on its own noise levels, the cache, resume, and the files in diffusers."""
 
 import copy
-import csv
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 from fakes import rel
 from PIL import Image
 from safetensors import safe_open
+from test_train import losses
 
 import train
 import video
@@ -57,11 +57,6 @@ def run(model, repo, data, out, *extra):
     argv = [model, "--weights", str(repo), "--data", str(data), "--output", str(out), "--resolution", "64"]
     argv += ["--bucket-step", "32", "--device", "cpu", "--quiet", "--rank", "4", "--frames", "9", "5", *map(str, extra)]
     return train.main(argv)
-
-
-def losses(out):
-    with open(out / "log.csv") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
