@@ -286,28 +286,38 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # transformers' "gelu_pytorch_tanh" (SigLIP)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}  # config.hidden_act -> fn
+
+
 class CLIPAttention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """Also SigLIP's vision attention (causal=False)."""
+
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        self.num_heads, self.causal = config.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # Causal, and no padding mask: the tokens up to the first EOS never see the padding behind them anyway.
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # CLIP's text tower: causal, and no padding mask: the tokens up to the first EOS never see the padding behind
+        # them anyway. SigLIP's vision tower: every patch sees every patch.
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """fc1, the config's activation (ACTIVATIONS), fc2."""
+
+    def __init__(self, config):
         super().__init__()
-        if config.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported (expected quick_gelu or gelu)")
-        self.act = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
+        self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
@@ -316,10 +326,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """Pre-LayerNorm transformer block; also SigLIP's vision encoder layer (causal=False, same key names)."""
+
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
@@ -333,6 +345,8 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        if config.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported (expected quick_gelu or gelu)")
         self.config = config
         c = config
         # ModuleDicts only to reproduce the checkpoint's key names (text_model.embeddings.token_embedding.weight, ...).
@@ -1075,38 +1089,6 @@ class SiglipVisionConfig:
         return config_from_dict(cls, config.get("vision_config", config))  # a full SiglipModel config works too
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LayerNorm ViT block."""
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        dim, eps = config.hidden_size, config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Module()  # fc1, GELU (tanh approximation: transformers' "gelu_pytorch_tanh"), fc2
-        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
-        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
-
-
 class SiglipVisionModel(nn.Module):
     """pixel_values (B, 3, S, S), normalised -> last hidden state (B, (S / patch)^2, hidden), after the final LayerNorm.
     SigLIP's attention-pooling head is not built: Redux reads the token features, not the pooled embedding."""
@@ -1121,7 +1103,7 @@ class SiglipVisionModel(nn.Module):
         vm.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
         vm.embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
         vm.encoder = nn.Module()
-        vm.encoder.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+        vm.encoder.layers = nn.ModuleList(CLIPLayer(c, causal=False) for _ in range(c.num_hidden_layers))
         vm.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
