@@ -1292,20 +1292,25 @@ DIFFUSERS_FUSED_DOUBLE = {
 DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 
 
-def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]]:
+def lora_aliases(
+    params: FluxParams,
+    top: dict = DIFFUSERS_TOP,
+    double: dict = DIFFUSERS_DOUBLE,
+    fused_double: dict = DIFFUSERS_FUSED_DOUBLE,
+    single: dict = DIFFUSERS_SINGLE,
+    fused_single: dict = DIFFUSERS_FUSED_SINGLE,
+) -> dict[str, list[tuple[str, slice, slice]]]:
     """diffusers' names of FLUX.1's layers, as PEFT, SimpleTuner, OneTrainer and DiffSynth files use them -> rows of
     ours (lora.route): q, k, v (and the single blocks' MLP input) take their rows of BFL's fused linear, and the final
-    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale)."""
+    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale).
+    The name tables default to FLUX.1's; FLUX.2 (flux2_klein.py) passes its own."""
     h, mlp, whole = params.hidden_size, int(params.hidden_size * params.mlp_ratio), slice(None)
-    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
-    final = DIFFUSERS_TOP["norm_out.linear"]
+    aliases = {name: [(ours, whole, whole)] for name, ours in top.items()}
+    final = top["norm_out.linear"]
     aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
-    blocks = [
-        (f"transformer_blocks.{i}", f"double_blocks.{i}", DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
-        for i in range(params.depth)
-    ]
+    blocks = [(f"transformer_blocks.{i}", f"double_blocks.{i}", double, fused_double) for i in range(params.depth)]
     blocks += [
-        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE)
+        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", single, fused_single)
         for i in range(params.depth_single_blocks)
     ]
     for theirs, ours, renames, fused in blocks:

@@ -451,20 +451,10 @@ def tokens(z: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA: default trained layers, the file format written, and the diffusers names LoRAs from the wild may use
 
-LORA_TARGETS = [  # attention and MLP of every block; the shared modulations stay frozen
-    "double_blocks.*.img_attn.qkv",
-    "double_blocks.*.img_attn.proj",
-    "double_blocks.*.img_mlp.0",
-    "double_blocks.*.img_mlp.2",
-    "double_blocks.*.txt_attn.qkv",
-    "double_blocks.*.txt_attn.proj",
-    "double_blocks.*.txt_mlp.0",
-    "double_blocks.*.txt_mlp.2",
-    # Both linears of every single block: diffusers before 0.37 failed on files where a single block lacks linear1
-    # (huggingface/diffusers#13107), so a file trained with the defaults always has both.
-    "single_blocks.*.linear1",
-    "single_blocks.*.linear2",
-]
+# FLUX.1's: attention and MLP of every block; the shared modulations stay frozen. Both linears of every single block:
+# diffusers before 0.37 failed on files where a single block lacks linear1 (huggingface/diffusers#13107), so a file
+# trained with the defaults always has both.
+LORA_TARGETS = flux1.LORA_TARGETS
 # diffusion_model.<BFL name>.lora_A/B: what ai-toolkit writes for FLUX.2, read by ComfyUI and by diffusers'
 # Flux2KleinPipeline.load_lora_weights.
 LORA_FORMAT = "comfy"
@@ -496,10 +486,7 @@ DIFFUSERS_DOUBLE = {
     "ff_context.linear_in": "txt_mlp.0",
     "ff_context.linear_out": "txt_mlp.2",
 }
-DIFFUSERS_FUSED_DOUBLE = {
-    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-}
+DIFFUSERS_FUSED_DOUBLE = flux1.DIFFUSERS_FUSED_DOUBLE  # q, k, v: the same names as FLUX.1's
 DIFFUSERS_SINGLE = {  # diffusers keeps FLUX.2's single-block linears fused: pure renames
     "attn.to_qkv_mlp_proj": "linear1",
     "attn.to_out": "linear2",
@@ -511,20 +498,7 @@ DIFFUSERS_SINGLE = {  # diffusers keeps FLUX.2's single-block linears fused: pur
 def lora_aliases(params: Flux2Params) -> dict[str, list[tuple[str, slice, slice]]]:
     """diffusers' names of FLUX.2's layers, as PEFT files use them -> rows of ours (lora.route): q, k and v take their
     rows of BFL's fused qkv, and the final modulation's halves swap (diffusers: scale, shift; BFL: shift, scale)."""
-    h, whole = params.hidden_size, slice(None)
-    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
-    final = DIFFUSERS_TOP["norm_out.linear"]
-    aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
-    for i in range(params.depth):
-        theirs, ours = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        aliases |= {f"{theirs}.{a}": [(f"{ours}.{b}", whole, whole)] for a, b in DIFFUSERS_DOUBLE.items()}
-        for fused, parts in DIFFUSERS_FUSED_DOUBLE.items():
-            for j, part in enumerate(parts):
-                aliases[f"{theirs}.{part}"] = [(f"{ours}.{fused}", whole, slice(j * h, (j + 1) * h))]
-    for i in range(params.depth_single_blocks):
-        theirs, ours = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        aliases |= {f"{theirs}.{a}": [(f"{ours}.{b}", whole, whole)] for a, b in DIFFUSERS_SINGLE.items()}
-    return aliases
+    return flux1.lora_aliases(params, DIFFUSERS_TOP, DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
