@@ -571,12 +571,7 @@ class Flux2KleinPipeline:
         self.variant = variant
         self.defaults = VARIANTS[variant]
 
-    vae = flux1.Flux1Pipeline.vae
-
-    @property
-    def device(self) -> torch.device:
-        """Where sampling runs: the transformer's device, unless offload.py set an execution device."""
-        return getattr(self, "execution_device", None) or self.transformer.img_in.weight.device
+    vae, device = flux1.Flux1Pipeline.vae, flux1.Flux1Pipeline.device
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict[str, Tensor]:
@@ -644,9 +639,7 @@ class Flux2KleinPipeline:
             raise ValueError(f"image sides must be multiples of {PIXELS_PER_TOKEN}, got {tuple(pixels.shape[-2:])}")
         return self.ae.encode(pixels.to(self.ae.encoder.conv_in.weight.device))
 
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        return self.ae.decode(z.to(self.ae.decoder.conv_in.weight.device))
+    decode = flux1.Flux1Pipeline.decode
 
     @torch.no_grad()
     def encode_references(self, images) -> list[Tensor]:
