@@ -1521,10 +1521,11 @@ def as_list(x, n: int | None = None) -> list:
     return x
 
 
-def schedule(steps: int, height: int, width: int) -> Tensor:
-    """FLUX.1's resolution-dependent shift (SD3 §5.3.2): more steps at high noise for larger images."""
+def schedule(steps: int, height: int, width: int, **mu) -> Tensor:
+    """FLUX.1's resolution-dependent shift (SD3 §5.3.2): more steps at high noise for larger images. `mu`: other
+    end points of solvers.flux1_mu's line (base_seq_len, max_seq_len, base_shift, max_shift) than FLUX.1's."""
     tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-    return solvers.time_shift(solvers.linear_sigmas(steps), solvers.flux1_mu(tokens))
+    return solvers.time_shift(solvers.linear_sigmas(steps), solvers.flux1_mu(tokens, **mu))
 
 
 def canvas(init_image, noise, height, width, default_size) -> tuple[Tensor | None, int, int]:
