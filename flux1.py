@@ -828,13 +828,19 @@ def flux_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> FluxPar
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
-    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
+def read_bfl_transformer(path) -> dict[str, Tensor]:
+    """A BFL single-file transformer's weights (FLUX.1 or FLUX.2). Files saved by ComfyUI-style tools (Flex.1-alpha)
+    put every key under `model.diffusion_model.`: that prefix is removed, and keys outside it are dropped."""
     sd = read_weights(path)
-    # Single files saved by ComfyUI-style tools (Flex.1-alpha) put every key under `model.diffusion_model.`.
     prefix = "model.diffusion_model."
     if any(k.startswith(prefix) for k in sd):
         sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
+    sd = read_bfl_transformer(path)
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.1 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):

@@ -261,10 +261,7 @@ def flux2_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> Flux2P
 
 def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux2:
     """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else four equal parts)."""
-    sd = read_weights(path)
-    prefix = "model.diffusion_model."  # ComfyUI-style single files
-    if any(k.startswith(prefix) for k in sd):
-        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    sd = flux1.read_bfl_transformer(path)  # ComfyUI-style single files' prefix removed
     if "vector_in.in_layer.weight" in sd:
         raise ValueError(f"{path} is a FLUX.1 checkpoint, not FLUX.2 (use flux1 / sample.py flux1)")
     if "img_in.weight" not in sd:
