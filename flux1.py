@@ -1484,6 +1484,11 @@ def to_pil(pixels: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+def from_pil(image: Image.Image) -> Tensor:
+    """An RGB PIL image -> (1, 3, H, W) float32 pixels in [-1, 1] (what to_pil turns back into images)."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 def read_image(image, what: str = "image") -> Image.Image:
     """A PIL image as is, or a path opened and turned upright by its EXIF orientation; a clear error otherwise."""
     if isinstance(image, Image.Image):
@@ -1507,8 +1512,7 @@ def image_to_tensor(image, height: int | None, width: int | None, multiple: int)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(resized, Image.Resampling.LANCZOS) if resized != image.size else image
     left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return from_pil(image.crop((left, top, left + width, top + height)))
 
 
 def draw_noise(shape, seeds: list[int], device) -> Tensor:

@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
 import flux1
@@ -388,29 +387,18 @@ MIN_REFERENCE_SIDE, MAX_REFERENCE_ASPECT = 64, 8
 ONE_REFERENCE_PIXELS, REFERENCE_PIXELS = 2024**2, 1024**2
 
 
-def open_image(image, what: str = "reference image") -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {what} {image}: {e}") from None
-
-
 def reference_pixels(images) -> list[Tensor]:
     """Reference images (PIL images or paths) -> (1, 3, h, w) tensors in [-1, 1], with BFL's rules: RGB; each side at
     least 64 pixels and an aspect ratio of at most 8 (else a ValueError, as BFL's code raises); larger than the area cap
     -> scaled down (Lanczos) to fit it; then center-cropped to multiples of 16."""
-    images = [] if images is None else [images] if isinstance(images, str | Path | Image.Image) else list(images)
+    images = [] if images is None else flux1.image_list(images)
     if len(images) > MAX_REFERENCES:
         raise ValueError(f"FLUX.2-klein takes at most {MAX_REFERENCES} reference images, got {len(images)}")
     limit = ONE_REFERENCE_PIXELS if len(images) == 1 else REFERENCE_PIXELS
     out = []
     for i, source in enumerate(images):
         name = source if isinstance(source, str | Path) else f"#{i + 1}"
-        image = open_image(source).convert("RGB")
+        image = flux1.read_image(source, "reference image").convert("RGB")
         w, h = image.size
         if min(w, h) < MIN_REFERENCE_SIDE:
             raise ValueError(f"reference image {name} is {w}x{h}: both sides must be at least {MIN_REFERENCE_SIDE}")
@@ -422,7 +410,7 @@ def reference_pixels(images) -> list[Tensor]:
             w, h = image.size
         left, top = (w - w // 16 * 16) // 2, (h - h // 16 * 16) // 2
         image = image.crop((left, top, left + w // 16 * 16, top + h // 16 * 16))
-        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        out.append(flux1.from_pil(image))
     return out
 
 
