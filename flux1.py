@@ -286,28 +286,38 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # transformers' "gelu_pytorch_tanh" (SigLIP)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}  # config.hidden_act -> fn
+
+
 class CLIPAttention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """Also SigLIP's vision attention (causal=False)."""
+
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        self.num_heads, self.causal = config.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # Causal, and no padding mask: the tokens up to the first EOS never see the padding behind them anyway.
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # CLIP's text tower: causal, and no padding mask: the tokens up to the first EOS never see the padding behind
+        # them anyway. SigLIP's vision tower: every patch sees every patch.
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """fc1, the config's activation (ACTIVATIONS), fc2."""
+
+    def __init__(self, config):
         super().__init__()
-        if config.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported (expected quick_gelu or gelu)")
-        self.act = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
+        self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
@@ -316,10 +326,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """Pre-LayerNorm transformer block; also SigLIP's vision encoder layer (causal=False, same key names)."""
+
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
@@ -333,6 +345,8 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        if config.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIP hidden_act {config.hidden_act!r} is not supported (expected quick_gelu or gelu)")
         self.config = config
         c = config
         # ModuleDicts only to reproduce the checkpoint's key names (text_model.embeddings.token_embedding.weight, ...).
@@ -814,13 +828,19 @@ def flux_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> FluxPar
     )
 
 
-def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
-    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
+def read_bfl_transformer(path) -> dict[str, Tensor]:
+    """A BFL single-file transformer's weights (FLUX.1 or FLUX.2). Files saved by ComfyUI-style tools (Flex.1-alpha)
+    put every key under `model.diffusion_model.`: that prefix is removed, and keys outside it are dropped."""
     sd = read_weights(path)
-    # Single files saved by ComfyUI-style tools (Flex.1-alpha) put every key under `model.diffusion_model.`.
     prefix = "model.diffusion_model."
     if any(k.startswith(prefix) for k in sd):
         sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux:
+    """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else FLUX.1's)."""
+    sd = read_bfl_transformer(path)
     if "img_in.weight" not in sd:
         raise ValueError(f"{path}: not a FLUX.1 transformer in BFL format (no img_in.weight)")
     with torch.device("meta"):
@@ -1075,38 +1095,6 @@ class SiglipVisionConfig:
         return config_from_dict(cls, config.get("vision_config", config))  # a full SiglipModel config works too
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LayerNorm ViT block."""
-
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        dim, eps = config.hidden_size, config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Module()  # fc1, GELU (tanh approximation: transformers' "gelu_pytorch_tanh"), fc2
-        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
-        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
-
-
 class SiglipVisionModel(nn.Module):
     """pixel_values (B, 3, S, S), normalised -> last hidden state (B, (S / patch)^2, hidden), after the final LayerNorm.
     SigLIP's attention-pooling head is not built: Redux reads the token features, not the pooled embedding."""
@@ -1121,7 +1109,7 @@ class SiglipVisionModel(nn.Module):
         vm.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
         vm.embeddings.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2, c.hidden_size)
         vm.encoder = nn.Module()
-        vm.encoder.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+        vm.encoder.layers = nn.ModuleList(CLIPLayer(c, causal=False) for _ in range(c.num_hidden_layers))
         vm.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -1310,20 +1298,25 @@ DIFFUSERS_FUSED_DOUBLE = {
 DIFFUSERS_FUSED_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
 
 
-def lora_aliases(params: FluxParams) -> dict[str, list[tuple[str, slice, slice]]]:
+def lora_aliases(
+    params: FluxParams,
+    top: dict = DIFFUSERS_TOP,
+    double: dict = DIFFUSERS_DOUBLE,
+    fused_double: dict = DIFFUSERS_FUSED_DOUBLE,
+    single: dict = DIFFUSERS_SINGLE,
+    fused_single: dict = DIFFUSERS_FUSED_SINGLE,
+) -> dict[str, list[tuple[str, slice, slice]]]:
     """diffusers' names of FLUX.1's layers, as PEFT, SimpleTuner, OneTrainer and DiffSynth files use them -> rows of
     ours (lora.route): q, k, v (and the single blocks' MLP input) take their rows of BFL's fused linear, and the final
-    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale)."""
+    modulation's halves swap: diffusers' norm_out.linear gives (scale, shift), BFL's adaLN_modulation (shift, scale).
+    The name tables default to FLUX.1's; FLUX.2 (flux2_klein.py) passes its own."""
     h, mlp, whole = params.hidden_size, int(params.hidden_size * params.mlp_ratio), slice(None)
-    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
-    final = DIFFUSERS_TOP["norm_out.linear"]
+    aliases = {name: [(ours, whole, whole)] for name, ours in top.items()}
+    final = top["norm_out.linear"]
     aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
-    blocks = [
-        (f"transformer_blocks.{i}", f"double_blocks.{i}", DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE)
-        for i in range(params.depth)
-    ]
+    blocks = [(f"transformer_blocks.{i}", f"double_blocks.{i}", double, fused_double) for i in range(params.depth)]
     blocks += [
-        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", DIFFUSERS_SINGLE, DIFFUSERS_FUSED_SINGLE)
+        (f"single_transformer_blocks.{i}", f"single_blocks.{i}", single, fused_single)
         for i in range(params.depth_single_blocks)
     ]
     for theirs, ours, renames, fused in blocks:
@@ -1491,6 +1484,11 @@ def to_pil(pixels: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+def from_pil(image: Image.Image) -> Tensor:
+    """An RGB PIL image -> (1, 3, H, W) float32 pixels in [-1, 1] (what to_pil turns back into images)."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
 def read_image(image, what: str = "image") -> Image.Image:
     """A PIL image as is, or a path opened and turned upright by its EXIF orientation; a clear error otherwise."""
     if isinstance(image, Image.Image):
@@ -1514,8 +1512,7 @@ def image_to_tensor(image, height: int | None, width: int | None, multiple: int)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(resized, Image.Resampling.LANCZOS) if resized != image.size else image
     left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return from_pil(image.crop((left, top, left + width, top + height)))
 
 
 def draw_noise(shape, seeds: list[int], device) -> Tensor:
@@ -1534,10 +1531,11 @@ def as_list(x, n: int | None = None) -> list:
     return x
 
 
-def schedule(steps: int, height: int, width: int) -> Tensor:
-    """FLUX.1's resolution-dependent shift (SD3 §5.3.2): more steps at high noise for larger images."""
+def schedule(steps: int, height: int, width: int, **mu) -> Tensor:
+    """FLUX.1's resolution-dependent shift (SD3 §5.3.2): more steps at high noise for larger images. `mu`: other
+    end points of solvers.flux1_mu's line (base_seq_len, max_seq_len, base_shift, max_shift) than FLUX.1's."""
     tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-    return solvers.time_shift(solvers.linear_sigmas(steps), solvers.flux1_mu(tokens))
+    return solvers.time_shift(solvers.linear_sigmas(steps), solvers.flux1_mu(tokens, **mu))
 
 
 def canvas(init_image, noise, height, width, default_size) -> tuple[Tensor | None, int, int]:

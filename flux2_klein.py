@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 
 import flux1
@@ -261,10 +260,7 @@ def flux2_params_from_state_dict(sd: dict[str, Tensor], axes_dim=None) -> Flux2P
 
 def load_transformer(path, device="cpu", dtype=torch.bfloat16, axes_dim=None) -> Flux2:
     """The BFL single file; `axes_dim`: the RoPE split of a head if the repo states it (else four equal parts)."""
-    sd = read_weights(path)
-    prefix = "model.diffusion_model."  # ComfyUI-style single files
-    if any(k.startswith(prefix) for k in sd):
-        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    sd = flux1.read_bfl_transformer(path)  # ComfyUI-style single files' prefix removed
     if "vector_in.in_layer.weight" in sd:
         raise ValueError(f"{path} is a FLUX.1 checkpoint, not FLUX.2 (use flux1 / sample.py flux1)")
     if "img_in.weight" not in sd:
@@ -391,29 +387,18 @@ MIN_REFERENCE_SIDE, MAX_REFERENCE_ASPECT = 64, 8
 ONE_REFERENCE_PIXELS, REFERENCE_PIXELS = 2024**2, 1024**2
 
 
-def open_image(image, what: str = "reference image") -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {what} {image}: {e}") from None
-
-
 def reference_pixels(images) -> list[Tensor]:
     """Reference images (PIL images or paths) -> (1, 3, h, w) tensors in [-1, 1], with BFL's rules: RGB; each side at
     least 64 pixels and an aspect ratio of at most 8 (else a ValueError, as BFL's code raises); larger than the area cap
     -> scaled down (Lanczos) to fit it; then center-cropped to multiples of 16."""
-    images = [] if images is None else [images] if isinstance(images, str | Path | Image.Image) else list(images)
+    images = [] if images is None else flux1.image_list(images)
     if len(images) > MAX_REFERENCES:
         raise ValueError(f"FLUX.2-klein takes at most {MAX_REFERENCES} reference images, got {len(images)}")
     limit = ONE_REFERENCE_PIXELS if len(images) == 1 else REFERENCE_PIXELS
     out = []
     for i, source in enumerate(images):
         name = source if isinstance(source, str | Path) else f"#{i + 1}"
-        image = open_image(source).convert("RGB")
+        image = flux1.read_image(source, "reference image").convert("RGB")
         w, h = image.size
         if min(w, h) < MIN_REFERENCE_SIDE:
             raise ValueError(f"reference image {name} is {w}x{h}: both sides must be at least {MIN_REFERENCE_SIDE}")
@@ -425,7 +410,7 @@ def reference_pixels(images) -> list[Tensor]:
             w, h = image.size
         left, top = (w - w // 16 * 16) // 2, (h - h // 16 * 16) // 2
         image = image.crop((left, top, left + w // 16 * 16, top + h // 16 * 16))
-        out.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        out.append(flux1.from_pil(image))
     return out
 
 
@@ -451,20 +436,10 @@ def tokens(z: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # LoRA: default trained layers, the file format written, and the diffusers names LoRAs from the wild may use
 
-LORA_TARGETS = [  # attention and MLP of every block; the shared modulations stay frozen
-    "double_blocks.*.img_attn.qkv",
-    "double_blocks.*.img_attn.proj",
-    "double_blocks.*.img_mlp.0",
-    "double_blocks.*.img_mlp.2",
-    "double_blocks.*.txt_attn.qkv",
-    "double_blocks.*.txt_attn.proj",
-    "double_blocks.*.txt_mlp.0",
-    "double_blocks.*.txt_mlp.2",
-    # Both linears of every single block: diffusers before 0.37 failed on files where a single block lacks linear1
-    # (huggingface/diffusers#13107), so a file trained with the defaults always has both.
-    "single_blocks.*.linear1",
-    "single_blocks.*.linear2",
-]
+# FLUX.1's: attention and MLP of every block; the shared modulations stay frozen. Both linears of every single block:
+# diffusers before 0.37 failed on files where a single block lacks linear1 (huggingface/diffusers#13107), so a file
+# trained with the defaults always has both.
+LORA_TARGETS = flux1.LORA_TARGETS
 # diffusion_model.<BFL name>.lora_A/B: what ai-toolkit writes for FLUX.2, read by ComfyUI and by diffusers'
 # Flux2KleinPipeline.load_lora_weights.
 LORA_FORMAT = "comfy"
@@ -496,10 +471,7 @@ DIFFUSERS_DOUBLE = {
     "ff_context.linear_in": "txt_mlp.0",
     "ff_context.linear_out": "txt_mlp.2",
 }
-DIFFUSERS_FUSED_DOUBLE = {
-    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-}
+DIFFUSERS_FUSED_DOUBLE = flux1.DIFFUSERS_FUSED_DOUBLE  # q, k, v: the same names as FLUX.1's
 DIFFUSERS_SINGLE = {  # diffusers keeps FLUX.2's single-block linears fused: pure renames
     "attn.to_qkv_mlp_proj": "linear1",
     "attn.to_out": "linear2",
@@ -511,20 +483,7 @@ DIFFUSERS_SINGLE = {  # diffusers keeps FLUX.2's single-block linears fused: pur
 def lora_aliases(params: Flux2Params) -> dict[str, list[tuple[str, slice, slice]]]:
     """diffusers' names of FLUX.2's layers, as PEFT files use them -> rows of ours (lora.route): q, k and v take their
     rows of BFL's fused qkv, and the final modulation's halves swap (diffusers: scale, shift; BFL: shift, scale)."""
-    h, whole = params.hidden_size, slice(None)
-    aliases = {name: [(ours, whole, whole)] for name, ours in DIFFUSERS_TOP.items()}
-    final = DIFFUSERS_TOP["norm_out.linear"]
-    aliases["norm_out.linear"] = [(final, slice(0, h), slice(h, 2 * h)), (final, slice(h, 2 * h), slice(0, h))]
-    for i in range(params.depth):
-        theirs, ours = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        aliases |= {f"{theirs}.{a}": [(f"{ours}.{b}", whole, whole)] for a, b in DIFFUSERS_DOUBLE.items()}
-        for fused, parts in DIFFUSERS_FUSED_DOUBLE.items():
-            for j, part in enumerate(parts):
-                aliases[f"{theirs}.{part}"] = [(f"{ours}.{fused}", whole, slice(j * h, (j + 1) * h))]
-    for i in range(params.depth_single_blocks):
-        theirs, ours = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        aliases |= {f"{theirs}.{a}": [(f"{ours}.{b}", whole, whole)] for a, b in DIFFUSERS_SINGLE.items()}
-    return aliases
+    return flux1.lora_aliases(params, DIFFUSERS_TOP, DIFFUSERS_DOUBLE, DIFFUSERS_FUSED_DOUBLE, DIFFUSERS_SINGLE, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -597,12 +556,7 @@ class Flux2KleinPipeline:
         self.variant = variant
         self.defaults = VARIANTS[variant]
 
-    vae = flux1.Flux1Pipeline.vae
-
-    @property
-    def device(self) -> torch.device:
-        """Where sampling runs: the transformer's device, unless offload.py set an execution device."""
-        return getattr(self, "execution_device", None) or self.transformer.img_in.weight.device
+    vae, device = flux1.Flux1Pipeline.vae, flux1.Flux1Pipeline.device
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict[str, Tensor]:
@@ -670,9 +624,7 @@ class Flux2KleinPipeline:
             raise ValueError(f"image sides must be multiples of {PIXELS_PER_TOKEN}, got {tuple(pixels.shape[-2:])}")
         return self.ae.encode(pixels.to(self.ae.encoder.conv_in.weight.device))
 
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        return self.ae.decode(z.to(self.ae.decoder.conv_in.weight.device))
+    decode = flux1.Flux1Pipeline.decode
 
     @torch.no_grad()
     def encode_references(self, images) -> list[Tensor]:

@@ -587,12 +587,11 @@ def scheduler_defaults(defaults: Variant, config_file: Path) -> Variant:
 def schedule(steps: int, shift: float, dynamic_shift=None, height: int = 0, width: int = 0) -> Tensor:
     """Z-Image's static shift of an even grid (the released repos' scheduler ignores the resolution), or, when the
     scheduler config sets use_dynamic_shifting, FLUX.1's mu for this image size (`Variant.dynamic_shift`)."""
-    sigmas = solvers.linear_sigmas(steps)
     if dynamic_shift is None:
-        return solvers.static_shift(sigmas, shift)
+        return solvers.static_shift(solvers.linear_sigmas(steps), shift)
     base_shift, max_shift, base_len, max_len = dynamic_shift
-    tokens = (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
-    return solvers.time_shift(sigmas, solvers.flux1_mu(tokens, base_len, max_len, base_shift, max_shift))
+    mu = dict(base_seq_len=base_len, max_seq_len=max_len, base_shift=base_shift, max_shift=max_shift)
+    return flux1.schedule(steps, height, width, **mu)  # FLUX.1's autoencoder and patches: the same tokens per pixel
 
 
 def official_time(sigma: float) -> float:
