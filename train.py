@@ -324,15 +324,12 @@ def collate(conds: list[dict]) -> dict:
 def cache_latent(pipe, path: Path, bucket, cache: Path, model_id: str) -> tuple[Path, bool]:
     """The latent of an image cropped to a bucket, encoded unless cached (a file per content, bucket and model):
     (its file, whether it was new). OSError / ValueError for an unreadable image."""
-    import numpy as np
-    import torch
+    from flux1 import from_pil
 
     file = cache / f"latent-{digest(model_id, 'latent', path.read_bytes(), bucket)}.safetensors"
     if file.is_file():
         return file, False
-    image = crop_to_bucket(open_image(path), *bucket)
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
-    save_tensors(file, {"latent": pipe.encode(pixels.float() / 127.5 - 1).float()})
+    save_tensors(file, {"latent": pipe.encode(from_pil(crop_to_bucket(open_image(path), *bucket))).float()})
     return file, True
 
 
