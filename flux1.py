@@ -105,19 +105,38 @@ WEIGHT_FILE_NAMES = (
 )
 
 
-def read_weights(path) -> dict[str, Tensor]:
-    """All tensors of a .safetensors file, a sharded *.safetensors.index.json, a .pth, or a Hugging Face model folder
-    holding one of those. Tensors are memory-mapped: nothing is read until used, and no file is read twice."""
+def weight_file(path) -> Path:
+    """The weights file of a Hugging Face model folder (a single file or a shard index), or `path` itself."""
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in WEIGHT_FILE_NAMES if (path / name).is_file()]
         if not found:
             raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)}")
-        path = found[0]
-    elif not path.is_file():
+        return found[0]
+    if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    return path
+
+
+def read_pth(file: Path) -> dict[str, Tensor]:
+    try:
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+
+
+def read_weights(path) -> dict[str, Tensor]:
+    """All tensors of a .safetensors file, a sharded *.safetensors.index.json, a .pth, or a Hugging Face model folder
+    holding one of those. Tensors are memory-mapped: nothing is read until used, and no file is read twice."""
+    path = weight_file(path)
     if path.suffix in (".pth", ".pt"):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return read_pth(path)
 
     if path.name.endswith(".index.json"):
         try:
@@ -1522,6 +1541,11 @@ def draw_noise(shape, seeds: list[int], device) -> Tensor:
     return torch.stack(noise).to(device)
 
 
+def seeded_noise(shape, seed, n: int, device) -> Tensor:
+    """n noises of `shape` from the seeds seed, seed + 1, ... (or a list of n seeds), one generator each."""
+    return draw_noise(shape, [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n), device)
+
+
 def as_list(x, n: int | None = None) -> list:
     x = [x] if isinstance(x, str | int) or x is None else list(x)
     if n is not None and len(x) == 1:
@@ -1560,8 +1584,7 @@ def run_sampler(pipe, velocity_fn, n, height, width, sigmas, solver, seed, noise
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(solvers.SOLVERS)}")
     device = pipe.device
     if noise is None:
-        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
-        noise = draw_noise((pipe.ae.params.z_channels, height // 8, width // 8), seeds, device)
+        noise = seeded_noise((pipe.ae.params.z_channels, height // 8, width // 8), seed, n, device)
     x = noise.to(device, torch.float32)
     sigmas = sigmas.to(device, torch.float32)
     if init is not None:

@@ -39,13 +39,13 @@ from flux1 import (
     attention,
     canvas,
     double_stream,
-    draw_noise,
     load_into,
     modulate,
     read_config,
     read_weights,
     rope,
     run_sampler,
+    seeded_noise,
     timestep_embedding,
 )
 from zimage import Qwen3Encoder, Qwen3Tokenizer, load_qwen3
@@ -673,9 +673,8 @@ class Flux2KleinPipeline:
         cond = self.encode_prompt(as_list(prompts, n))
         uncond = self.encode_prompt(as_list(negative_prompt, n)) if cfg != 1 else None
         if noise is None:
-            seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
             shape = (self.transformer.params.in_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
-            noise = draw_noise(shape, seeds, self.device)
+            noise = seeded_noise(shape, seed, n, self.device)
 
         def velocity_fn(x, sigma):
             v = self.velocity(x, sigma, cond, references, guidance)

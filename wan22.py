@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -41,7 +41,6 @@ from flux1 import (
     T5RMSNorm,
     T5Tokenizer,
     as_list,
-    draw_noise,
     image_to_tensor,
     load_into,
     read_config,
@@ -80,8 +79,9 @@ class WanParams:
 class VAEParams:
     """The Wan VAEs; defaults are `Wan2.2_VAE.pth` (`vae2_2.py`): a 160-wide encoder and 256-wide decoder, 48 latent
     channels, 2x2 pixel patches in front (so 16x spatial and 4x temporal compression in all), and parameter-free
-    shortcuts around each down/upsampling stage (`residual`). WAN21_VAE is `Wan2.1_VAE.pth` (`vae2_1.py`, the A14B
-    models'): 96 wide, 16 channels, no patchify, no shortcuts: 8x spatial, 4x temporal."""
+    shortcuts around each down/upsampling stage (`residual`). `Wan2.1_VAE.pth` (`vae2_1.py`, the A14B models'; its
+    parameters read from its weights, see vae_params): 96 wide, 16 channels, no patchify, no shortcuts: 8x spatial, 4x
+    temporal."""
 
     dim: int = 160
     dec_dim: int = 256
@@ -93,7 +93,6 @@ class VAEParams:
     residual: bool = True
 
 
-WAN21_VAE = VAEParams(dim=96, dec_dim=96, z_dim=16, patch_size=1, residual=False)
 
 
 @dataclass
@@ -108,7 +107,6 @@ class Variant:
     cfg: float | tuple[float, float] = 5.0  # two experts: (low-noise, high-noise), the configs' sample_guide_scale
     shift: float = 5.0
     solver: str = "unipc"
-    gated: bool = False
     vae_file: str = "Wan2.2_VAE.pth"
     pixels_per_token: int = 32  # frame sides are multiples of this: VAE stride x the DiT's 2x2 patches
     image: str = "optional"  # a first frame: "optional" (TI2V), "required" (I2V-A14B) or "none" (T2V-A14B)
@@ -196,16 +194,6 @@ SAFETENSORS_DTYPES = {
 READ_CHUNK_BYTES = 64 << 20
 
 
-def weight_file(path: Path) -> Path:
-    """The weights file of a Hugging Face model folder (a single file or a shard index), or `path` itself."""
-    if not path.is_dir():
-        return path
-    for name in flux1.WEIGHT_FILE_NAMES:
-        if (path / name).is_file():
-            return path / name
-    raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(flux1.WEIGHT_FILE_NAMES)}")
-
-
 def safetensors_layout(file: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
     """{key: (dtype, shape, first byte, end byte)} of a safetensors file, from its JSON header."""
     with open(file, "rb") as f:
@@ -241,30 +229,13 @@ def read_converted(file: Path, layout: tuple, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def read_pth(file: Path) -> dict[str, Tensor]:
-    """A .pth state dict through torch.load(weights_only=True): memory-mapped, or, for a file in torch's legacy
-    (pre-zip) format, which cannot be mapped, read whole. A corrupt file is a one-line error."""
-    if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {file}")
-    try:
-        try:
-            return read_weights(file)
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a broken file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{file} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
-
-
 def read_weights_as(path, dtype_of) -> dict[str, Tensor]:
     """flux1.read_weights (a .safetensors file, a sharded index, a .pth or a folder), each tensor in dtype_of(key).
     Safetensors tensors of another dtype are converted while read from the file (see above); .pth tensors (the VAE and
     the umT5 checkpoint, both small next to the DiT) are converted from the memory map."""
-    file = weight_file(Path(path))
+    file = flux1.weight_file(path)
     if file.suffix in (".pth", ".pt"):
-        return {k: v.to(dtype_of(k)) for k, v in read_pth(file).items()}
+        return {k: v.to(dtype_of(k)) for k, v in read_weights(file).items()}
     state_dict = read_weights(file)  # mmapped; checks that every shard is there and readable
     if file.name.endswith(".index.json"):
         shard_of = {k: file.parent / s for k, s in json.loads(file.read_text())["weight_map"].items()}
@@ -881,10 +852,7 @@ class DownBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool):
         super().__init__()
         self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
-        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
-        if down:
-            layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
-        self.downsamples = nn.Sequential(*layers)
+        self.downsamples = nn.Sequential(*down_stage(num_res_blocks, in_dim, out_dim, temporal, down))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.downsamples(x) + self.avg_shortcut(x)
@@ -896,10 +864,7 @@ class UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool):
         super().__init__()
         self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
-        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)]
-        if up:
-            layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d"))
-        self.upsamples = nn.Sequential(*layers)
+        self.upsamples = nn.Sequential(*up_stage(num_res_blocks, in_dim, out_dim, temporal, up, out_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.upsamples(x)
@@ -914,18 +879,18 @@ def middle(dim: int) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
-def down_stage(p: VAEParams, in_dim: int, out_dim: int, temporal: bool, down: bool) -> list[nn.Module]:
+def down_stage(num_res: int, in_dim: int, out_dim: int, temporal: bool, down: bool) -> list[nn.Module]:
     """Wan2.1's encoder stage, as a flat list: residual blocks, then the downsampling (the last stage has none)."""
-    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(p.num_res_blocks)]
+    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res)]
     return layers + ([Resample(out_dim, "downsample3d" if temporal else "downsample2d")] if down else [])
 
 
-def up_stage(p: VAEParams, in_dim: int, out_dim: int, temporal: bool, up: bool) -> list[nn.Module]:
+def up_stage(num_res: int, in_dim: int, out_dim: int, temporal: bool, up: bool, resample_out=None) -> list[nn.Module]:
     """Wan2.1's decoder stage, flat: one more residual block than the encoder's, then an upsampling that halves the
     width (so every stage after the first starts from half the width before it)."""
-    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(p.num_res_blocks + 1)]
+    layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res + 1)]
     mode = "upsample3d" if temporal else "upsample2d"
-    return layers + ([Resample(out_dim, mode, out_dim // 2)] if up else [])
+    return layers + ([Resample(out_dim, mode, resample_out or out_dim // 2)] if up else [])
 
 
 class Encoder3d(nn.Module):
@@ -938,7 +903,7 @@ class Encoder3d(nn.Module):
         if p.residual:
             self.downsamples = nn.Sequential(*(DownBlock(a, b, p.num_res_blocks, t, d) for a, b, t, d in stages))
         else:
-            self.downsamples = nn.Sequential(*(m for stage in stages for m in down_stage(p, *stage)))
+            self.downsamples = nn.Sequential(*(m for stage in stages for m in down_stage(p.num_res_blocks, *stage)))
         self.middle = middle(dims[-1])
         self.head = head(dims[-1], 2 * p.z_dim)
 
@@ -970,7 +935,7 @@ class Decoder3d(nn.Module):
             self.upsamples = nn.Sequential(*(UpBlock(a, b, p.num_res_blocks, t, u) for a, b, t, u in stages))
         else:  # each stage after the first gets the halved width of the upsampling before it
             stages = [(a // 2 if i else a, b, t, u) for i, (a, b, t, u) in enumerate(stages)]
-            self.upsamples = nn.Sequential(*(m for stage in stages for m in up_stage(p, *stage)))
+            self.upsamples = nn.Sequential(*(m for stage in stages for m in up_stage(p.num_res_blocks, *stage)))
         self.head = head(dims[-1], 3 * p.patch_size**2)
 
     def forward(self, z: Tensor, chunk: int | None = 1, progress=None) -> Tensor:
@@ -1330,8 +1295,7 @@ SIGMA_MAX = torch.tensor(1 - 1 / 1000, dtype=torch.float32).item()
 def schedule(steps: int, shift: float) -> Tensor:
     """Wan's sigmas (wan/utils/fm_solvers_unipc.py): steps values evenly spaced from SIGMA_MAX down (excluding 0),
     statically shifted (SD3's shift), then 0; float64 math rounded to float32 as the official scheduler stores them."""
-    sigmas = torch.linspace(SIGMA_MAX, 0, steps + 1, dtype=torch.float64)[:-1]
-    return torch.cat([solvers.static_shift(sigmas, shift), torch.zeros(1, dtype=torch.float64)]).float()
+    return solvers.static_shift(solvers.linear_sigmas(steps, SIGMA_MAX), shift).float()
 
 
 def model_timestep(sigma: Tensor) -> Tensor:
@@ -1356,13 +1320,7 @@ def best_output_size(w: int, h: int, dw: int, dh: int, area: int) -> tuple[int, 
 
 
 def open_first_frame(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the first-frame image {image}: {e}") from None
+    return flux1.read_image(image, "first-frame image").convert("RGB")
 
 
 def first_frame(image, height: int, width: int) -> Tensor:
@@ -1682,9 +1640,8 @@ class WanPipeline:
         negatives = [p or NEGATIVE_PROMPT for p in as_list(negative_prompt, n)]
         uncond = self.encode_prompt(negatives) if (low_cfg, high_cfg) != (1, 1) else None
         if noise is None:
-            seeds = [seed + i for i in range(n)] if isinstance(seed, int) else as_list(seed, n)
             shape = (self.vae.params.z_dim, 1 + (frames - 1) // TEMPORAL_STRIDE, height // s, width // s)
-            noise = draw_noise(shape, seeds, device)
+            noise = flux1.seeded_noise(shape, seed, n, device)
         x = noise.to(device, torch.float32)
         kw = {"first_frame": first is not None, "condition": condition}
 
